@@ -1,0 +1,64 @@
+"""Neural building blocks: the cell encoder (x2z) and the bilinear decoder (z2x)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Normal
+
+_MIN_SCALE = 1e-4  # keeps posterior scales positive without clamping their gradient
+
+
+class Encoder(nn.Module):
+    """MLP mapping a (transformed) expression vector to a diagonal Gaussian posterior q(z|x).
+
+    Parameters
+    ----------
+    n_input
+        Number of features of the modality.
+    n_latent
+        Dimension of the cell latent ``z``.
+    n_hidden, n_layers, dropout
+        Width, depth and dropout of the hidden layers (LayerNorm + LeakyReLU each).
+    """
+
+    def __init__(
+        self, n_input: int, n_latent: int, n_hidden: int = 256, n_layers: int = 2, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_input
+        for _ in range(n_layers):
+            layers += [nn.Linear(width, n_hidden), nn.LayerNorm(n_hidden), nn.LeakyReLU(0.2), nn.Dropout(dropout)]
+            width = n_hidden
+        self.body = nn.Sequential(*layers)
+        self.loc = nn.Linear(width, n_latent)
+        self.scale = nn.Linear(width, n_latent)
+
+    def forward(self, x: torch.Tensor) -> Normal:
+        h = self.body(x)
+        return Normal(self.loc(h), F.softplus(self.scale(h)) + _MIN_SCALE)
+
+
+class BilinearDecoder(nn.Module):
+    """``eta = softplus(alpha_s) * (z @ v.T) + beta_s``: cell and feature embeddings meet here.
+
+    ``alpha_s`` and ``beta_s`` are per batch ``s`` and per feature, so batch effects are absorbed
+    by the decoder instead of the shared latent space.
+
+    Parameters
+    ----------
+    n_features
+        Number of features of the modality.
+    n_batches
+        Number of batches of the modality (1 when it has no batch key).
+    """
+
+    def __init__(self, n_features: int, n_batches: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(n_batches, n_features))
+        self.beta = nn.Parameter(torch.zeros(n_batches, n_features))
+
+    def forward(self, z: torch.Tensor, v: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.alpha[batch]) * (z @ v.T) + self.beta[batch]

@@ -1,0 +1,61 @@
+"""The joint-embedding figure every run writes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """First two principal components of ``x`` (rows are cells)."""
+    centred = x - x.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T
+
+
+def plot_joint_embedding(
+    latents: Mapping[str, np.ndarray],
+    path: str | Path,
+    labels: Mapping[str, np.ndarray] | None = None,
+) -> Path:
+    """PCA of the joint latent space, coloured by modality and (when given) by label.
+
+    Parameters
+    ----------
+    latents
+        ``{modality: (cells, n_latent)}``.
+    path
+        Output PNG.
+    labels
+        ``{modality: label per cell}``; missing modalities or ``None`` entries are "unlabelled".
+    """
+    names = list(latents)
+    xy = pca_2d(np.concatenate([latents[n] for n in names]))
+    modality = np.concatenate([[n] * len(latents[n]) for n in names])
+    panels = [("modality", modality)]
+    if labels:
+        lab = np.concatenate(
+            [np.asarray(labels.get(n, [None] * len(latents[n])), dtype=object) for n in names]
+        )
+        panels.append(("label", np.where(pd.isna(lab), "unlabelled", lab).astype(str)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    order = np.random.default_rng(0).permutation(len(xy))  # no modality drawn on top of the other
+    for ax, (title, values) in zip(axes[0], panels, strict=True):
+        for category in np.unique(values):
+            keep = order[values[order] == category]
+            ax.scatter(xy[keep, 0], xy[keep, 1], s=4, alpha=0.6, label=category)
+        ax.set(title=f"diagvi latent (PCA), by {title}", xlabel="PC1", ylabel="PC2")
+        ax.legend(markerscale=3, fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+

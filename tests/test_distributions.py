@@ -1,0 +1,213 @@
+"""Tests for diagvi.distributions against scipy.stats references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from scipy.special import expit, logsumexp
+
+from diagvi.distributions import (
+    Log1pNormal,
+    NegativeBinomial,
+    NegativeBinomialMixture,
+    ZeroInflatedGamma,
+    ZeroInflatedLogNormal,
+    ZeroInflatedNegativeBinomial,
+)
+
+N = 8  # parameter draws per test
+COUNTS = np.array([0, 1, 2, 5, 17, 100, 1000, 25000], dtype=np.float64)
+REALS = np.array([0.0, 1e-3, 0.3, 1.0, 2.5, 40.0, 1e3], dtype=np.float64)
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(a, dtype=torch.float64)
+
+
+def _grid(params: dict[str, np.ndarray], values: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Broadcast parameters of shape (N,) against values of shape (V,) to (N, V)."""
+    return {k: v[:, None] for k, v in params.items()}, values[None, :]
+
+
+def _nb_ref(x, mu, theta):
+    return stats.nbinom.logpmf(x, theta, theta / (theta + mu))
+
+
+def _draw(kind: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random parameters (shape (N,)) for each distribution kind."""
+
+    def pos(lo: float, hi: float) -> np.ndarray:  # log-uniform on [lo, hi]
+        return np.exp(rng.uniform(np.log(lo), np.log(hi), N))
+
+    logits = rng.normal(0, 2, N)
+    if kind == "nb":
+        return {"mu": pos(0.05, 500), "theta": pos(0.1, 100)}
+    if kind == "zinb":
+        return {"mu": pos(0.05, 500), "theta": pos(0.1, 100), "zi_logits": logits}
+    if kind == "nbm":
+        return {
+            "mu1": pos(0.05, 50),
+            "mu2": pos(1, 500),
+            "theta": pos(0.1, 100),
+            "mixture_logits": logits,
+        }
+    if kind == "log1p":
+        return {"loc": rng.normal(0, 1.5, N), "scale": pos(0.1, 2)}
+    if kind == "ziln":
+        return {"loc": rng.normal(0, 1.5, N), "scale": pos(0.1, 2), "zi_logits": logits}
+    if kind == "zig":
+        return {"concentration": pos(0.3, 10), "rate": pos(0.1, 10), "zi_logits": logits}
+    raise ValueError(kind)
+
+
+def _reference(kind: str, x: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
+    """scipy log-probabilities (same broadcasting as torch)."""
+    if kind == "nb":
+        return _nb_ref(x, p["mu"], p["theta"])
+    if kind == "nbm":
+        lw = np.log(expit(p["mixture_logits"]))
+        l1w = np.log(expit(-p["mixture_logits"]))
+        a = lw + _nb_ref(x, p["mu1"], p["theta"])
+        b = l1w + _nb_ref(x, p["mu2"], p["theta"])
+        return logsumexp(np.stack(np.broadcast_arrays(a, b)), axis=0)
+    if kind == "log1p":
+        y = np.log1p(x)
+        return stats.norm.logpdf(y, p["loc"], p["scale"]) - y
+    pi = expit(p["zi_logits"])
+    if kind == "zinb":
+        nb = _nb_ref(x, p["mu"], p["theta"])
+        return np.where(x == 0, np.log(pi + (1 - pi) * np.exp(nb)), np.log1p(-pi) + nb)
+    with np.errstate(divide="ignore"):
+        if kind == "ziln":
+            base = stats.lognorm.logpdf(x, s=p["scale"], scale=np.exp(p["loc"]))
+        else:
+            base = stats.gamma.logpdf(x, p["concentration"], scale=1 / p["rate"])
+    return np.where(x == 0, np.log(pi), np.log1p(-pi) + base)
+
+
+CLASSES = {
+    "nb": NegativeBinomial,
+    "zinb": ZeroInflatedNegativeBinomial,
+    "nbm": NegativeBinomialMixture,
+    "log1p": Log1pNormal,
+    "ziln": ZeroInflatedLogNormal,
+    "zig": ZeroInflatedGamma,
+}
+DISCRETE = {"nb", "zinb", "nbm"}
+
+
+def _values(kind: str) -> np.ndarray:
+    return COUNTS if kind in DISCRETE else REALS
+
+
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_log_prob_matches_scipy(kind: str) -> None:
+    params = _draw(kind, _rng(1))
+    p, x = _grid(params, _values(kind))
+    dist = CLASSES[kind](**{k: _t(v) for k, v in p.items()})
+    got = dist.log_prob(_t(x)).numpy()
+    want = _reference(kind, x, p)
+    assert got.shape == want.shape == (N, len(_values(kind)))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["zinb", "ziln", "zig"])
+@pytest.mark.parametrize("pi", [0.01, 0.99])
+def test_zero_inflation_extremes(kind: str, pi: float) -> None:
+    params = _draw(kind, _rng(2))
+    params["zi_logits"] = np.full(N, np.log(pi / (1 - pi)))
+    p, x = _grid(params, _values(kind))
+    dist = CLASSES[kind](**{k: _t(v) for k, v in p.items()})
+    np.testing.assert_allclose(dist.zi_probs.numpy(), pi, rtol=1e-12)
+    got = dist.log_prob(_t(x)).numpy()
+    np.testing.assert_allclose(got, _reference(kind, x, p), rtol=1e-6, atol=1e-6)
+    # The zero-mass is at least pi.
+    assert np.all(got[:, 0] >= np.log(pi) - 1e-12)
+
+
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_mean_and_variance_match_samples(kind: str) -> None:
+    torch.manual_seed(0)
+    rng = _rng(3)
+    params = _draw(kind, rng)
+    # Keep the tails light enough for a Monte-Carlo check of the variance.
+    if kind in {"log1p", "ziln"}:
+        params["scale"] = rng.uniform(0.1, 0.6, N)
+    if kind in DISCRETE:
+        params["theta"] = rng.uniform(0.5, 20, N)
+    for k in ("zi_logits", "mixture_logits"):
+        if k in params:
+            params[k] = rng.uniform(-2, 2, N)
+    dist = CLASSES[kind](**{k: _t(v) for k, v in params.items()})
+    samples = dist.sample((40000,))
+    assert samples.shape == (40000, N)
+    assert not samples.requires_grad
+    if kind != "log1p":
+        assert torch.all(samples >= 0)
+    if kind in DISCRETE:
+        assert torch.all(samples == samples.round())
+    mean, var = dist.mean, dist.variance
+    # Sample mean within 5 standard errors; sample variance within 25 %.
+    z = (samples.mean(0) - mean) / torch.sqrt(var / samples.shape[0])
+    assert torch.all(z.abs() < 5), z
+    torch.testing.assert_close(samples.var(0), var, rtol=0.25, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_gradients_finite_and_nonzero(kind: str) -> None:
+    params = {k: _t(v).requires_grad_() for k, v in _draw(kind, _rng(4)).items()}
+    values = _t(_values(kind))
+    dist = CLASSES[kind](**{k: v[:, None] for k, v in params.items()})
+    lp = dist.log_prob(values[None, :])
+    grads = torch.autograd.grad(lp.sum(), list(params.values()))
+    for name, g in zip(params, grads, strict=True):
+        assert torch.all(torch.isfinite(g)), name
+        assert torch.all(g != 0), name
+    # At x == 0 alone every gradient must still be finite.
+    zero_lp = CLASSES[kind](**params).log_prob(torch.zeros(N, dtype=torch.float64))
+    zero_grads = torch.autograd.grad(zero_lp.sum(), list(params.values()), allow_unused=True)
+    for name, g in zip(params, zero_grads, strict=True):
+        assert g is None or torch.all(torch.isfinite(g)), name
+
+
+def test_nb_gradient_at_zero_mean() -> None:
+    mu = torch.tensor([0.0, 1e-12], dtype=torch.float64, requires_grad=True)
+    theta = torch.tensor([2.0, 2.0], dtype=torch.float64, requires_grad=True)
+    lp = NegativeBinomial(mu, theta).log_prob(torch.zeros(2, dtype=torch.float64))
+    assert torch.all(torch.isfinite(lp))
+    assert all(torch.all(torch.isfinite(g)) for g in torch.autograd.grad(lp.sum(), (mu, theta)))
+
+
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_batch_broadcasting(kind: str) -> None:
+    params = _draw(kind, _rng(5))
+    names = list(params)
+    # First parameter varies over rows, the others over columns or are scalars.
+    p = {names[0]: _t(params[names[0]][:3, None])}
+    for i, k in enumerate(names[1:]):
+        p[k] = _t(params[k][:5]) if i == 0 else float(params[k][0])
+    dist = CLASSES[kind](**p)
+    assert dist.batch_shape == (3, 5)
+    assert dist.event_shape == ()
+    assert dist.mean.shape == (3, 5)
+    assert dist.variance.shape == (3, 5)
+    assert dist.sample().shape == (3, 5)
+    assert dist.sample((2,)).shape == (2, 3, 5)
+    assert dist.log_prob(_t(_values(kind)[:5])).shape == (3, 5)
+    assert dist.log_prob(torch.ones(4, 1, 1, dtype=torch.float64)).shape == (4, 3, 5)
+
+
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_support_and_no_validation(kind: str) -> None:
+    cls = CLASSES[kind]
+    assert cls.arg_constraints == {}
+    assert cls.support.is_discrete == (kind in DISCRETE)
+    dist = cls(**{k: _t(v) for k, v in _draw(kind, _rng(6)).items()})
+    assert dist._validate_args is False
