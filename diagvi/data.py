@@ -116,7 +116,7 @@ def _matrix(name: str, adata: ad.AnnData, setup: ModalitySetup) -> np.ndarray | 
         )
     if X is None:
         raise DataError(f"modality {name!r}: X is empty; pass layer= to read a layer")
-    X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.array(X, dtype=np.float32)
+    X = sp.csr_matrix(X, dtype=np.float32, copy=True) if sp.issparse(X) else np.array(X, dtype=np.float32)
     values = X.data if sp.issparse(X) else X
     if not np.isfinite(values).all():
         raise DataError(f"modality {name!r}: data contain NaN or Inf values; remove or impute them")

@@ -25,7 +25,7 @@ class DiagVAE(nn.Module):
     features, averaged over cells; ``kl/<m>`` KL of ``z`` summed over latent dimensions,
     averaged over cells and divided by the number of features of ``m`` (as scvi-tools'
     DIAGVI, so ``lam_kl`` is comparable across modalities of very different width);
-    ``graph`` the per-edge graph ELBO; ``align`` the alignment divergence between the two
+    ``graph/nll`` and ``graph/kl`` the per-edge graph ELBO; ``align`` the alignment divergence between the two
     modalities' ``z``; ``cls/<m>`` cross-entropy on labelled cells (when labels exist).
 
     Parameters
@@ -107,7 +107,7 @@ class DiagVAE(nn.Module):
             terms[f"kl/{name}"] = self.prior.kl(qz, z, y).mean() / x.shape[-1]
             if self.classifier is not None:
                 terms[f"cls/{name}"] = self.classifier.loss(z, y)
-            zs[name] = z
-        terms["graph"] = self.g2v.loss(qv, v)
+            zs[name] = qz.loc  # align the posterior means: the embedding users get
+        terms.update({f"graph/{k}": t for k, t in self.g2v.loss(qv, v).items()})
         terms["align"] = self.alignment(zs)
         return terms

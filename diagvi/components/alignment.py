@@ -63,6 +63,12 @@ class UnbalancedSinkhorn(nn.Module):
         it. Smaller values tolerate larger composition differences; ``None`` is balanced OT.
     scaling
         GeomLoss epsilon-scaling ratio (closer to 1: more accurate, slower).
+    scale_cost
+        ``"mean"``: divide the cost by its minibatch mean before transport,
+        as OTT-JAX's ``scale_cost="mean"``. The divergence is then invariant to the scale of
+        the latent space, so the encoders cannot lower it by shrinking both clouds towards a
+        point (which the reconstruction then undoes through the decoder's scale ``alpha``).
+        ``None`` keeps the raw cost.
     """
 
     def __init__(
@@ -76,6 +82,7 @@ class UnbalancedSinkhorn(nn.Module):
         anneal_steps: int = 1000,
         reach_scale: float | None = 10.0,
         scaling: float = 0.75,
+        scale_cost: str | None = "mean",
     ) -> None:
         super().__init__()
         if blur_mode not in ("adaptive", "fixed", "annealed"):
@@ -85,7 +92,9 @@ class UnbalancedSinkhorn(nn.Module):
         self.p, self.blur_mode, self.scaling = p, blur_mode, scaling
         self.epsilon_rule, self.epsilon_scale = epsilon_rule, epsilon_scale
         self.blur, self.blur_start, self.anneal_steps = blur, blur_start, anneal_steps
-        self.reach_scale = reach_scale
+        if scale_cost not in (None, "mean"):
+            raise ValueError(f"scale_cost must be 'mean' or None, got {scale_cost!r}")
+        self.reach_scale, self.scale_cost = reach_scale, scale_cost
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def current_blur(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -98,6 +107,11 @@ class UnbalancedSinkhorn(nn.Module):
 
     def forward(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
         x, y = z.values()
+        if self.scale_cost == "mean":
+            # differentiated on purpose: a detached scale would leave a gradient that shrinks
+            # both clouds every step, and the latent space collapses towards a point
+            unit = cost_matrix(x, y, self.p).mean().clamp_min(1e-12) ** (1.0 / self.p)
+            x, y = x / unit, y / unit
         blur = self.current_blur(x, y)
         reach = None if self.reach_scale is None else self.reach_scale * blur
         if self.training:
