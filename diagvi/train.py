@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from diagvi import outputs
@@ -118,11 +119,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics.update(outputs.write_run_outputs(lit.module, dm.data, adatas, run_dir, paired=cfg.data.paired))
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     finally:
-        for logger in loggers:
-            if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
-                import wandb
+        # close a started W&B run (even a failed one) so the next run in this process is clean
+        if any(isinstance(lg, WandbLogger) and lg._experiment is not None for lg in loggers):
+            import wandb
 
-                wandb.finish()
+            wandb.finish()
     log.info("outputs in %s", run_dir)
     return metrics
 
