@@ -116,7 +116,11 @@ def _matrix(name: str, adata: ad.AnnData, setup: ModalitySetup) -> np.ndarray | 
         )
     if X is None:
         raise DataError(f"modality {name!r}: X is empty; pass layer= to read a layer")
-    X = sp.csr_matrix(X, dtype=np.float32, copy=True) if sp.issparse(X) else np.array(X, dtype=np.float32)
+    X = (
+        sp.csr_matrix(X, dtype=np.float32, copy=True)
+        if sp.issparse(X)
+        else np.array(X, dtype=np.float32)
+    )
     values = X.data if sp.issparse(X) else X
     if not np.isfinite(values).all():
         raise DataError(f"modality {name!r}: data contain NaN or Inf values; remove or impute them")
@@ -137,7 +141,8 @@ def _matrix(name: str, adata: ad.AnnData, setup: ModalitySetup) -> np.ndarray | 
 def _codes(name: str, adata: ad.AnnData, key: str, what: str) -> pd.Series:
     if key not in adata.obs:
         raise DataError(
-            f"modality {name!r}: {what} {key!r} is not a column of obs; columns: {list(adata.obs.columns)}"
+            f"modality {name!r}: {what} {key!r} is not a column of obs; "
+            f"columns: {list(adata.obs.columns)}"
         )
     return adata.obs[key]
 
@@ -147,7 +152,9 @@ def read_modality(name: str, adata: ad.AnnData, setup: ModalitySetup) -> Modalit
     if not isinstance(adata, ad.AnnData):
         raise TypeError(f"modality {name!r}: expected an AnnData, got {type(adata).__name__}")
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise DataError(f"modality {name!r} is empty ({adata.n_obs} cells x {adata.n_vars} features)")
+        raise DataError(
+            f"modality {name!r} is empty ({adata.n_obs} cells x {adata.n_vars} features)"
+        )
     for what, names in (("obs_names", adata.obs_names), ("var_names", adata.var_names)):
         if names.has_duplicates:
             dup = names[names.duplicated()].unique()[:5].tolist()
@@ -162,9 +169,14 @@ def read_modality(name: str, adata: ad.AnnData, setup: ModalitySetup) -> Modalit
         batch = values.cat.codes.to_numpy().astype(np.int64)
         categories = [str(c) for c in values.cat.categories]
     return ModalityData(
-        name=name, X=X, batch=batch, labels=np.full(adata.n_obs, UNLABELED, dtype=np.int64),
-        obs_names=adata.obs_names.copy(), var_names=adata.var_names.copy(),
-        batch_categories=categories, setup=setup,
+        name=name,
+        X=X,
+        batch=batch,
+        labels=np.full(adata.n_obs, UNLABELED, dtype=np.int64),
+        obs_names=adata.obs_names.copy(),
+        var_names=adata.var_names.copy(),
+        batch_categories=categories,
+        setup=setup,
     )
 
 
@@ -185,7 +197,9 @@ def read_modalities(
     if not isinstance(adatas, Mapping):
         raise TypeError(f"expected a dict {{modality name: AnnData}}, got {type(adatas).__name__}")
     if len(adatas) != 2:
-        raise DataError(f"DiagVI integrates exactly two modalities, got {len(adatas)}: {list(adatas)}")
+        raise DataError(
+            f"DiagVI integrates exactly two modalities, got {len(adatas)}: {list(adatas)}"
+        )
     missing = [n for n in adatas if n not in setups]
     if missing:
         raise DataError(f"no setup for modality {missing}; call setup for every modality")
@@ -200,7 +214,8 @@ def read_modalities(
         if series.isna().all():
             raise DataError(
                 f"modality {name!r}: every cell is unlabelled in {setups[name].labels_key!r} "
-                f"(unlabeled_category={setups[name].unlabeled_category!r}); drop labels_key or add labels"
+                f"(unlabeled_category={setups[name].unlabeled_category!r}); "
+                "drop labels_key or add labels"
             )
         lookup = {c: i for i, c in enumerate(categories)}
         data[name].labels = np.array(
@@ -227,7 +242,11 @@ class PairedSampler:
     """
 
     def __init__(
-        self, indices: Mapping[str, np.ndarray], batch_size: int, shuffle: bool = True, seed: int = 0
+        self,
+        indices: Mapping[str, np.ndarray],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
     ) -> None:
         self.indices = {k: np.asarray(v) for k, v in indices.items()}
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
@@ -279,7 +298,10 @@ def paired_loader(
     """A DataLoader over :class:`PairedSampler` minibatches (no collation needed)."""
     sampler = PairedSampler(indices, batch_size, shuffle=shuffle, seed=seed)
     return DataLoader(
-        PairedDataset(data), sampler=sampler, batch_size=None, num_workers=num_workers,
+        PairedDataset(data),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
 
@@ -310,15 +332,24 @@ class PairedDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        self.data, self.batch_size, self.seed, self.num_workers = data, batch_size, seed, num_workers
+        self.data, self.batch_size, self.seed, self.num_workers = (
+            data,
+            batch_size,
+            seed,
+            num_workers,
+        )
         splits = {k: split_indices(d.n_obs, val_fraction, seed) for k, d in data.items()}
         self.train_idx = {k: s[0] for k, s in splits.items()}
         self.val_idx = {k: s[1] for k, s in splits.items()}
 
     def train_dataloader(self) -> DataLoader:
-        return paired_loader(self.data, self.train_idx, self.batch_size, True, self.seed, self.num_workers)
+        return paired_loader(
+            self.data, self.train_idx, self.batch_size, True, self.seed, self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if any(len(v) == 0 for v in self.val_idx.values()):
             return []
-        return paired_loader(self.data, self.val_idx, self.batch_size, False, self.seed, self.num_workers)
+        return paired_loader(
+            self.data, self.val_idx, self.batch_size, False, self.seed, self.num_workers
+        )

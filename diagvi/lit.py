@@ -17,7 +17,13 @@ WEIGHT_OF_TERM = {
     "align": "lam_sinkhorn",
     "cls": "lam_class",
 }
-DEFAULT_WEIGHTS = {"lam_data": 0.1, "lam_kl": 1.0, "lam_graph": 15.0, "lam_sinkhorn": 85.0, "lam_class": 5.0}
+DEFAULT_WEIGHTS = {
+    "lam_data": 0.1,
+    "lam_kl": 1.0,
+    "lam_graph": 15.0,
+    "lam_sinkhorn": 85.0,
+    "lam_class": 5.0,
+}
 
 
 def weigh(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
@@ -39,7 +45,10 @@ class DiagVILightning(L.LightningModule):
     """
 
     def __init__(
-        self, module: DiagVAE, weights: Mapping[str, float] | None = None, lr: float = 1e-3,
+        self,
+        module: DiagVAE,
+        weights: Mapping[str, float] | None = None,
+        lr: float = 1e-3,
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
@@ -47,7 +56,9 @@ class DiagVILightning(L.LightningModule):
         self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
         unknown = set(self.weights) - set(DEFAULT_WEIGHTS)
         if unknown:
-            raise ValueError(f"unknown loss weights {sorted(unknown)}; expected {sorted(DEFAULT_WEIGHTS)}")
+            raise ValueError(
+                f"unknown loss weights {sorted(unknown)}; expected {sorted(DEFAULT_WEIGHTS)}"
+            )
         self.lr, self.weight_decay = lr, weight_decay
         self.save_hyperparameters(ignore=["module"])
 

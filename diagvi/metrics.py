@@ -31,7 +31,9 @@ def foscttm(x: np.ndarray, y: np.ndarray, chunk: int = 2048) -> dict[str, float]
     ``{"foscttm": mean of both directions, "foscttm_x": ..., "foscttm_y": ...}``
     """
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"paired embeddings need equal numbers of rows, got {x.shape[0]} and {y.shape[0]}")
+        raise ValueError(
+            f"paired embeddings need equal numbers of rows, got {x.shape[0]} and {y.shape[0]}"
+        )
     tx = torch.as_tensor(np.asarray(x), dtype=torch.float32)
     ty = torch.as_tensor(np.asarray(y), dtype=torch.float32)
     fx = _fraction_closer(tx, ty, chunk).mean().item()

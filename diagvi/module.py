@@ -25,8 +25,9 @@ class DiagVAE(nn.Module):
     features, averaged over cells; ``kl/<m>`` KL of ``z`` summed over latent dimensions,
     averaged over cells and divided by the number of features of ``m`` (as scvi-tools'
     DIAGVI, so ``lam_kl`` is comparable across modalities of very different width);
-    ``graph/nll`` and ``graph/kl`` the per-edge graph ELBO; ``align`` the alignment divergence between the two
-    modalities' ``z``; ``cls/<m>`` cross-entropy on labelled cells (when labels exist).
+    ``graph/nll`` and ``graph/kl`` the per-edge graph ELBO; ``align`` the alignment divergence
+    between the two modalities' posterior means; ``cls/<m>`` cross-entropy on labelled cells
+    (when labels exist).
 
     Parameters
     ----------
@@ -67,14 +68,21 @@ class DiagVAE(nn.Module):
         self.x2z = nn.ModuleDict(
             {m: Encoder(s.n_features, n_latent, **(encoder or {})) for m, s in mods.items()}
         )
-        self.z2x = nn.ModuleDict({m: BilinearDecoder(s.n_features, s.n_batches) for m, s in mods.items()})
+        self.z2x = nn.ModuleDict(
+            {m: BilinearDecoder(s.n_features, s.n_batches) for m, s in mods.items()}
+        )
         self.likelihood = nn.ModuleDict(
-            {m: likelihoods[m](n_features=s.n_features, n_batches=s.n_batches) for m, s in mods.items()}
+            {
+                m: likelihoods[m](n_features=s.n_features, n_batches=s.n_batches)
+                for m, s in mods.items()
+            }
         )
         self.g2v = graph_encoder(spec.graph, n_latent)
         self.prior = prior(n_latent, spec.n_labels)
         self.alignment = alignment
-        self.classifier = classifier(n_latent, spec.n_labels) if classifier and spec.n_labels else None
+        self.classifier = (
+            classifier(n_latent, spec.n_labels) if classifier and spec.n_labels else None
+        )
 
     def feature_embedding(self, name: str, v: torch.Tensor) -> torch.Tensor:
         start, stop = self.node_ranges[name]
@@ -86,7 +94,12 @@ class DiagVAE(nn.Module):
         return self.x2z[name](self.likelihood[name].transform(x, library))
 
     def decode(
-        self, name: str, z: torch.Tensor, v: torch.Tensor, batch: torch.Tensor, library: torch.Tensor
+        self,
+        name: str,
+        z: torch.Tensor,
+        v: torch.Tensor,
+        batch: torch.Tensor,
+        library: torch.Tensor,
     ) -> Distribution:
         """``p(x|z)`` of modality ``name`` given all feature embeddings ``v``."""
         eta = self.z2x[name](z, self.feature_embedding(name, v), batch)

@@ -24,13 +24,23 @@ class Encoder(nn.Module):
     """
 
     def __init__(
-        self, n_input: int, n_latent: int, n_hidden: int = 256, n_layers: int = 2, dropout: float = 0.1
+        self,
+        n_input: int,
+        n_latent: int,
+        n_hidden: int = 256,
+        n_layers: int = 2,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = n_input
         for _ in range(n_layers):
-            layers += [nn.Linear(width, n_hidden), nn.LayerNorm(n_hidden), nn.LeakyReLU(0.2), nn.Dropout(dropout)]
+            layers += [
+                nn.Linear(width, n_hidden),
+                nn.LayerNorm(n_hidden),
+                nn.LeakyReLU(0.2),
+                nn.Dropout(dropout),
+            ]
             width = n_hidden
         self.body = nn.Sequential(*layers)
         self.loc = nn.Linear(width, n_latent)

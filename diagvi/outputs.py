@@ -15,7 +15,9 @@ from diagvi.module import DiagVAE
 from diagvi.plotting import plot_joint_embedding
 
 
-def paired_foscttm(latents: Mapping[str, np.ndarray], data: Mapping[str, ModalityData]) -> dict[str, float]:
+def paired_foscttm(
+    latents: Mapping[str, np.ndarray], data: Mapping[str, ModalityData]
+) -> dict[str, float]:
     """FOSCTTM over the cells whose ``obs_names`` appear in both modalities."""
     a, b = data
     shared = data[a].obs_names.intersection(data[b].obs_names)

@@ -58,4 +58,3 @@ def plot_joint_embedding(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-

@@ -49,7 +49,11 @@ def make_synthetic_pair(
     )
     genes = [f"gene_{g}" for g in range(n_genes)]
     proteins = [f"protein_{p}" for p in range(n_proteins)]
-    rna = ad.AnnData(sp.csr_matrix(counts(gene_loadings, 2000.0)), obs=obs.copy(), var=pd.DataFrame(index=genes))
-    protein = ad.AnnData(counts(protein_loadings, 1000.0), obs=obs.copy(), var=pd.DataFrame(index=proteins))
+    rna = ad.AnnData(
+        sp.csr_matrix(counts(gene_loadings, 2000.0)), obs=obs.copy(), var=pd.DataFrame(index=genes)
+    )
+    protein = ad.AnnData(
+        counts(protein_loadings, 1000.0), obs=obs.copy(), var=pd.DataFrame(index=proteins)
+    )
     mapping = pd.DataFrame({"protein": proteins, "rna": genes[:n_proteins]})
     return {"rna": rna, "protein": protein}, mapping

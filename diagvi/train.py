@@ -7,7 +7,6 @@ trains with Lightning and writes the run's outputs into Hydra's run directory.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from diagvi.graph import build_guidance_graph
 from diagvi.lit import DEFAULT_WEIGHTS, DiagVILightning
 from diagvi.module import DiagVAE
 
-log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
@@ -63,7 +61,9 @@ def build_datamodule(cfg: DictConfig) -> tuple[PairedDataModule, DataSpec, dict]
     elif cfg.data.guidance in ("mapping", "shared_names"):
         graph = build_guidance_graph(features)
     else:
-        raise DataError(f"data.guidance must be 'mapping' or 'shared_names', got {cfg.data.guidance!r}")
+        raise DataError(
+            f"data.guidance must be 'mapping' or 'shared_names', got {cfg.data.guidance!r}"
+        )
     spec = DataSpec(
         modalities={
             m: ModalitySpec(d.n_vars, len(d.batch_categories), setups[m].likelihood)
@@ -73,8 +73,11 @@ def build_datamodule(cfg: DictConfig) -> tuple[PairedDataModule, DataSpec, dict]
         graph=graph,
     )
     dm = PairedDataModule(
-        data, batch_size=cfg.data.batch_size, val_fraction=cfg.data.val_fraction,
-        seed=cfg.seed, num_workers=cfg.data.num_workers,
+        data,
+        batch_size=cfg.data.batch_size,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
     )
     return dm, spec, adatas
 
@@ -102,13 +105,17 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one model as configured and write its outputs; returns the run's metrics."""
     L.seed_everything(cfg.seed, workers=True)
-    run_dir = Path(cfg.get("run_dir") or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    run_dir = Path(
+        cfg.get("run_dir") or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     dm, spec, adatas = build_datamodule(cfg)
     lit = build_model(cfg.model, spec)
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_all(cfg.get("callbacks")))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=_instantiate_all(cfg.get("callbacks"))
+    )
     start = time.perf_counter()
     try:
         trainer.fit(lit, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
@@ -116,7 +123,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics.update(epochs=trainer.current_epoch, train_seconds=seconds)
         if cfg.get("write_outputs", True):
-            metrics.update(outputs.write_run_outputs(lit.module, dm.data, adatas, run_dir, paired=cfg.data.paired))
+            metrics.update(
+                outputs.write_run_outputs(
+                    lit.module, dm.data, adatas, run_dir, paired=cfg.data.paired
+                )
+            )
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     finally:
         # close a started W&B run (even a failed one) so the next run in this process is clean
@@ -124,7 +135,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             import wandb
 
             wandb.finish()
-    log.info("outputs in %s", run_dir)
+    summary = f"diagvi: trained {metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s"
+    if "foscttm" in metrics:
+        summary += f"; FOSCTTM {metrics['foscttm']:.3f} (0 = perfect pairing, 0.5 = random)"
+    print(f"{summary}\ndiagvi: outputs in {run_dir}")
     return metrics
 
 

@@ -26,7 +26,7 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, p: int = 2) -> torch.Tensor:
 def adaptive_blur(
     x: torch.Tensor, y: torch.Tensor, p: int = 2, rule: str = "mean", scale: float = 0.05
 ) -> float:
-    """Blur from the minibatch's cost matrix: ``epsilon = scale * rule(C)``, ``blur = epsilon^(1/p)``.
+    """Blur from the minibatch's cost: ``epsilon = scale * rule(C)``, ``blur = epsilon^(1/p)``.
 
     ``rule="std"`` with ``scale=0.05`` is OTT-JAX's default (``epsilon = 0.05 * std(C)``);
     ``rule="mean"`` with ``scale=0.05`` is scvi-tools' DIAGVI rule. GeomLoss' ``blur`` is the
@@ -117,8 +117,13 @@ class UnbalancedSinkhorn(nn.Module):
         if self.training:
             self.step += 1
         loss = SamplesLoss(
-            "sinkhorn", p=self.p, blur=blur, reach=reach, debias=True,
-            scaling=self.scaling, backend="tensorized",
+            "sinkhorn",
+            p=self.p,
+            blur=blur,
+            reach=reach,
+            debias=True,
+            scaling=self.scaling,
+            backend="tensorized",
         )
         return loss(x, y)
 

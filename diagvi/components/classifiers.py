@@ -37,10 +37,15 @@ class LinearClassifier(Classifier):
 class MLPClassifier(Classifier):
     """One hidden layer; for label structure that is not linearly separable in ``z``."""
 
-    def __init__(self, n_latent: int, n_labels: int, n_hidden: int = 64, dropout: float = 0.1) -> None:
+    def __init__(
+        self, n_latent: int, n_labels: int, n_hidden: int = 64, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(n_latent, n_hidden), nn.LeakyReLU(0.2), nn.Dropout(dropout), nn.Linear(n_hidden, n_labels)
+            nn.Linear(n_latent, n_hidden),
+            nn.LeakyReLU(0.2),
+            nn.Dropout(dropout),
+            nn.Linear(n_hidden, n_labels),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

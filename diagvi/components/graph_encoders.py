@@ -13,7 +13,9 @@ from torch_geometric.utils import scatter
 from diagvi.registry import GRAPH_ENCODERS
 
 
-def signed_gcn_norm(edge_index: torch.Tensor, weight: torch.Tensor, sign: torch.Tensor, n: int) -> torch.Tensor:
+def signed_gcn_norm(
+    edge_index: torch.Tensor, weight: torch.Tensor, sign: torch.Tensor, n: int
+) -> torch.Tensor:
     """Symmetric GCN normalisation that keeps edge signs.
 
     ``a_ij = s_ij * w_ij / sqrt(d_i * d_j)`` with degree ``d_i = sum_j w_ij`` (weights are

@@ -52,7 +52,9 @@ class Likelihood(nn.Module):
             return torch.log1p(x * (1e4 / library.clamp_min(1.0)))
         return torch.log1p(x) if self.nonnegative else x
 
-    def forward(self, eta: torch.Tensor, batch: torch.Tensor, library: torch.Tensor) -> Distribution:
+    def forward(
+        self, eta: torch.Tensor, batch: torch.Tensor, library: torch.Tensor
+    ) -> Distribution:
         raise NotImplementedError
 
 
