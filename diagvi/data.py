@@ -103,6 +103,17 @@ class DataSpec:
     def n_labels(self) -> int:
         return len(self.label_categories)
 
+    @classmethod
+    def from_data(
+        cls, data: Mapping[str, ModalityData], label_categories: tuple[str, ...], graph: object
+    ) -> DataSpec:
+        """The spec of data read by :func:`read_modalities` and its guidance graph."""
+        modalities = {
+            m: ModalitySpec(d.n_vars, len(d.batch_categories), d.setup.likelihood)
+            for m, d in data.items()
+        }
+        return cls(modalities, tuple(label_categories), graph)
+
 
 def _matrix(name: str, adata: ad.AnnData, setup: ModalitySetup) -> np.ndarray | sp.csr_matrix:
     if setup.layer is None:

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from diagvi import outputs
-from diagvi.data import DataSpec, ModalitySetup, ModalitySpec, PairedDataModule, read_modalities
+from diagvi.data import DataSpec, ModalitySetup, PairedDataModule, read_modalities
 from diagvi.errors import DataError
 from diagvi.graph import build_guidance_graph
 from diagvi.lit import DEFAULT_WEIGHTS, DiagVILightning
@@ -64,14 +64,7 @@ def build_datamodule(cfg: DictConfig) -> tuple[PairedDataModule, DataSpec, dict]
         raise DataError(
             f"data.guidance must be 'mapping' or 'shared_names', got {cfg.data.guidance!r}"
         )
-    spec = DataSpec(
-        modalities={
-            m: ModalitySpec(d.n_vars, len(d.batch_categories), setups[m].likelihood)
-            for m, d in data.items()
-        },
-        label_categories=categories,
-        graph=graph,
-    )
+    spec = DataSpec.from_data(data, categories, graph)
     dm = PairedDataModule(
         data,
         batch_size=cfg.data.batch_size,

@@ -22,7 +22,7 @@ import diagvi  # noqa: F401  (fills the registries)
 from diagvi.components.alignment import UnbalancedSinkhorn, adaptive_blur
 from diagvi.components.graph_encoders import graph_loss, signed_gcn_norm
 from diagvi.components.likelihoods import Likelihood
-from diagvi.data import DataSpec, ModalitySetup, ModalitySpec, read_modalities
+from diagvi.data import DataSpec, ModalitySetup, read_modalities
 from diagvi.errors import DataError
 from diagvi.graph import build_guidance_graph, graph_from_mapping
 from diagvi.lit import DEFAULT_WEIGHTS, WEIGHT_OF_TERM, DiagVILightning, weigh
@@ -673,14 +673,7 @@ def synthetic_spec():
     }
     data, categories = read_modalities(adatas, setups)
     graph = build_guidance_graph({m: d.var_names for m, d in data.items()}, mapping=mapping)
-    spec = DataSpec(
-        modalities={
-            m: ModalitySpec(d.n_vars, len(d.batch_categories), setups[m].likelihood)
-            for m, d in data.items()
-        },
-        label_categories=categories,
-        graph=graph,
-    )
+    spec = DataSpec.from_data(data, categories, graph)
     batch = {m: d.rows(np.arange(32)) for m, d in data.items()}
     return spec, batch
 
