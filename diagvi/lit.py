@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import lightning as L
+import pandas as pd
 import torch
 
 from diagvi.module import Batch, DiagVAE
@@ -79,3 +80,23 @@ class DiagVILightning(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class HistoryCallback(L.Callback):
+    """Collects every logged ``train/`` and ``val/`` value at the end of each epoch."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("train/", "val/"))
+        }
+        self.rows.append(row)
+
+    def frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows)
+        df.index.name = "epoch"
+        return df[sorted(df.columns)]

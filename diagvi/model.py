@@ -1,0 +1,549 @@
+"""DIAGVI: the user API (scvi-tools style) over the same data layer, DiagVAE and LightningModule
+as the Hydra entry point ``diagvi.train``.
+
+Component names are those of the registries and of ``configs/model/<group>/<name>.yaml``; the
+defaults below are those of ``configs/model/diagvi.yaml`` (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import lightning as L
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from torch_geometric.data import Data
+
+from diagvi import inference
+from diagvi.data import (
+    UNLABELED,
+    DataSpec,
+    ModalityData,
+    ModalitySetup,
+    PairedDataModule,
+    read_modalities,
+    read_modality,
+)
+from diagvi.errors import DataError
+from diagvi.graph import build_guidance_graph
+from diagvi.io import atomic_write, check_features, graph_from_dict, graph_to_dict
+from diagvi.lit import DiagVILightning, HistoryCallback
+from diagvi.module import DiagVAE
+from diagvi.registry import ALIGNMENTS, CLASSIFIERS, GRAPH_ENCODERS, LIKELIHOODS, PRIORS
+
+SETUP_KEY = "diagvi_setup"
+MODEL_FILE = "model.pt"
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """``min(400, max(50, round(200000 / n_cells)))`` for the larger modality's ``n_cells``."""
+    return int(min(400, max(50, round(200_000 / max(n_cells, 1)))))
+
+
+def _factory(registry, name: str, kwargs: Mapping[str, Any] | None):
+    return functools.partial(registry.get(name), **dict(kwargs or {}))
+
+
+class DIAGVI:
+    """Integrate two unpaired single-cell modalities (DiagVI) from Python.
+
+    Parameters
+    ----------
+    adatas
+        ``{modality name: AnnData}`` (two modalities, each prepared with :meth:`setup_anndata`)
+        or a ``MuData`` with two modalities.
+    guidance_graph
+        A ready :class:`torch_geometric.data.Data` guidance graph (validated).
+    mapping_df
+        DataFrame with one column per modality (feature names) and optional ``weight``,
+        ``sign``. With neither graph nor mapping, features with equal names are linked.
+    n_latent
+        Latent dimension.
+    gmm_prior
+        Shortcut for ``prior="gmm"``.
+    prior, prior_kwargs
+        Registered prior name (default ``"normal"``, or ``"gmm"`` with ``gmm_prior``) and its
+        keyword arguments.
+    graph_encoder, graph_encoder_kwargs
+        Registered graph encoder and its keyword arguments.
+    alignment, alignment_kwargs
+        Registered alignment loss (``"uot"``, ``"sinkhorn"``, ``"none"``) and its settings
+        (``reach_scale``, ``epsilon_scale``, ``blur_mode``, ...).
+    classifier, classifier_kwargs
+        Registered classifier used when labels exist; ``None`` for none.
+    n_hidden, n_layers, dropout
+        Encoder MLP.
+    """
+
+    def __init__(
+        self,
+        adatas,
+        guidance_graph: Data | None = None,
+        mapping_df: pd.DataFrame | None = None,
+        n_latent: int = 20,
+        gmm_prior: bool = False,
+        prior: str | None = None,
+        prior_kwargs: dict | None = None,
+        graph_encoder: str = "gcn",
+        graph_encoder_kwargs: dict | None = None,
+        alignment: str = "uot",
+        alignment_kwargs: dict | None = None,
+        classifier: str | None = "linear",
+        classifier_kwargs: dict | None = None,
+        n_hidden: int = 256,
+        n_layers: int = 2,
+        dropout: float = 0.1,
+    ) -> None:
+        adatas = self._as_dict(adatas)
+        setups = {}
+        for name, adata in adatas.items():
+            if SETUP_KEY not in adata.uns:
+                raise DataError(
+                    f"modality {name!r} is not set up; call DIAGVI.setup_anndata(adata, ...) first"
+                )
+            setups[name] = ModalitySetup(**dict(adata.uns[SETUP_KEY]))
+        init_args = {
+            "n_latent": int(n_latent),
+            "prior": prior or ("gmm" if gmm_prior else "normal"),
+            "prior_kwargs": dict(prior_kwargs or {}),
+            "graph_encoder": graph_encoder,
+            "graph_encoder_kwargs": dict(graph_encoder_kwargs or {}),
+            "alignment": alignment,
+            "alignment_kwargs": dict(alignment_kwargs or {}),
+            "classifier": classifier,
+            "classifier_kwargs": dict(classifier_kwargs or {}),
+            "encoder": {"n_hidden": n_hidden, "n_layers": n_layers, "dropout": dropout},
+        }
+        self._build(adatas, setups, init_args, guidance_graph, mapping_df)
+
+    # ------------------------------------------------------------------ construction
+
+    @staticmethod
+    def _as_dict(adatas) -> dict[str, ad.AnnData]:
+        if not isinstance(adatas, Mapping):
+            try:
+                import mudata
+            except ImportError:
+                mudata = None
+            if mudata is not None and isinstance(adatas, mudata.MuData):
+                adatas = dict(adatas.mod)
+            else:
+                raise TypeError(
+                    "adatas must be a dict {modality name: AnnData} or a MuData, "
+                    f"got {type(adatas).__name__}"
+                )
+        return dict(adatas)
+
+    def _build(self, adatas, setups, init_args, graph=None, mapping=None, categories=None):
+        for key, registry in (
+            ("prior", PRIORS),
+            ("graph_encoder", GRAPH_ENCODERS),
+            ("alignment", ALIGNMENTS),
+        ):
+            registry.get(init_args[key])  # unknown names: DataError listing the known ones
+        if init_args["classifier"] is not None:
+            CLASSIFIERS.get(init_args["classifier"])
+        data, found = read_modalities(adatas, setups)
+        if categories is not None and tuple(found) != tuple(categories):
+            _recode_labels(data, found, categories)
+        categories = tuple(found if categories is None else categories)
+        features = {m: d.var_names for m, d in data.items()}
+        graph = build_guidance_graph(features, graph=graph, mapping=mapping)
+        spec = DataSpec.from_data(data, categories, graph)
+        a = init_args
+        self.module = DiagVAE(
+            spec,
+            n_latent=a["n_latent"],
+            likelihoods={m: _factory(LIKELIHOODS, s.likelihood, None) for m, s in setups.items()},
+            prior=_factory(PRIORS, a["prior"], a["prior_kwargs"]),
+            graph_encoder=_factory(GRAPH_ENCODERS, a["graph_encoder"], a["graph_encoder_kwargs"]),
+            alignment=ALIGNMENTS.build(a["alignment"], **a["alignment_kwargs"]),
+            classifier=(
+                _factory(CLASSIFIERS, a["classifier"], a["classifier_kwargs"])
+                if a["classifier"]
+                else None
+            ),
+            encoder=a["encoder"],
+        )
+        self.adatas, self.data, self.spec, self.init_args = adatas, data, spec, init_args
+        self.setups = {m: setups[m] for m in data}
+        self.history: pd.DataFrame | None = None
+        self.is_trained = False
+
+    @staticmethod
+    def setup_anndata(
+        adata: ad.AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        unlabeled_category: str = "unknown",
+        likelihood: str = "nb",
+    ) -> None:
+        """Record how to read ``adata`` in ``adata.uns["diagvi_setup"]`` (a plain dict).
+
+        Parameters
+        ----------
+        adata
+            One modality.
+        layer
+            Layer with the data; ``None`` reads ``X``.
+        batch_key, labels_key
+            ``obs`` columns of batches and of cell labels.
+        unlabeled_category
+            Label of unlabelled cells.
+        likelihood
+            Registered likelihood name (``nb``, ``zinb``, ``nbmixture``, ``normal``, ...).
+        """
+        if not isinstance(adata, ad.AnnData):
+            raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
+        LIKELIHOODS.get(likelihood)
+        if layer is not None and layer not in adata.layers:
+            raise DataError(f"layer {layer!r} not found; layers: {list(adata.layers.keys())}")
+        for what, key in (("batch_key", batch_key), ("labels_key", labels_key)):
+            if key is not None and key not in adata.obs:
+                raise DataError(f"{what} {key!r} is not an obs column: {list(adata.obs.columns)}")
+        setup = ModalitySetup(layer, batch_key, labels_key, str(unlabeled_category), likelihood)
+        # None values are left out: h5ad cannot store them
+        adata.uns[SETUP_KEY] = {k: v for k, v in dataclasses.asdict(setup).items() if v is not None}
+
+    # ------------------------------------------------------------------ training
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        accelerator: str = "auto",
+        devices: int | str = 1,
+        train_size: float = 0.9,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 20,
+        lam_data: float = 0.1,
+        lam_kl: float = 1.0,
+        lam_graph: float = 15.0,
+        lam_sinkhorn: float = 85.0,
+        lam_class: float = 5.0,
+        seed: int = 0,
+        num_workers: int = 0,
+        gradient_clip_val: float | None = None,
+        enable_progress_bar: bool = False,
+    ) -> pd.DataFrame:
+        """Train with Lightning; returns and stores :attr:`history` (one row per epoch).
+
+        ``max_epochs=None`` uses :func:`default_max_epochs` of the larger modality. Early
+        stopping watches ``val/loss`` (``train/loss`` when ``train_size=1``). The ``lam_*``
+        weights are those of ``configs/model/diagvi.yaml``.
+        """
+        if not 0.0 < train_size <= 1.0:
+            raise ValueError(f"train_size must be in (0, 1], got {train_size}")
+        if max_epochs is None:
+            max_epochs = default_max_epochs(max(d.n_obs for d in self.data.values()))
+        L.seed_everything(seed, verbose=False)
+        dm = PairedDataModule(
+            self.data, batch_size, val_fraction=1.0 - train_size, seed=seed, num_workers=num_workers
+        )
+        weights = dict(
+            lam_data=lam_data,
+            lam_kl=lam_kl,
+            lam_graph=lam_graph,
+            lam_sinkhorn=lam_sinkhorn,
+            lam_class=lam_class,
+        )
+        lit = DiagVILightning(self.module, weights, lr=lr, weight_decay=weight_decay)
+        history = HistoryCallback()
+        callbacks: list[L.Callback] = [history]
+        if early_stopping:
+            has_val = all(len(v) for v in dm.val_idx.values())
+            monitor = "val/loss" if has_val else "train/loss"
+            callbacks.append(EarlyStopping(monitor, patience=early_stopping_patience))
+        with tempfile.TemporaryDirectory() as root:
+            trainer = L.Trainer(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=enable_progress_bar,
+                enable_model_summary=False,
+                gradient_clip_val=gradient_clip_val,
+                default_root_dir=root,
+                callbacks=callbacks,
+            )
+            trainer.fit(lit, datamodule=dm)
+        self.module.cpu().eval()
+        self.is_trained = True
+        self.history = history.frame()
+        return self.history
+
+    # ------------------------------------------------------------------ inference
+
+    def _other(self, name: str) -> str:
+        self._check_name(name)
+        return next(m for m in self.data if m != name)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.data:
+            raise DataError(f"unknown modality {name!r}; modalities: {list(self.data)}")
+
+    def _read(self, name: str, adata: ad.AnnData | None) -> ModalityData:
+        """Training data of ``name``, or ``adata`` read with ``name``'s setup after checks."""
+        self._check_name(name)
+        if adata is None:
+            return self.data[name]
+        check_features(name, [str(v) for v in self.data[name].var_names], adata.var_names)
+        setup = dataclasses.replace(self.setups[name], batch_key=None, labels_key=None)
+        return read_modality(name, adata, setup)
+
+    def get_latent_representation(
+        self, adatas: Mapping[str, ad.AnnData] | None = None, give_mean: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Latent ``z`` per modality: posterior mean (default) or one posterior sample.
+
+        ``adatas`` (default: the training data) may hold one or both modalities, with the
+        training features in the training order.
+        """
+        sources = self.data if adatas is None else {m: self._read(m, a) for m, a in adatas.items()}
+        return {
+            m: inference.latent_representation(self.module, d, give_mean=give_mean)
+            for m, d in sources.items()
+        }
+
+    def _batch_codes(self, name: str, batch, n: int) -> np.ndarray:
+        categories = self.data[name].batch_categories
+        values = np.broadcast_to(np.asarray(0 if batch is None else batch, dtype=object), (n,))
+        lookup = {c: i for i, c in enumerate(categories)}
+        codes = np.empty(n, dtype=np.int64)
+        for i, value in enumerate(values):
+            if isinstance(value, int | np.integer) and not isinstance(value, bool):
+                if not 0 <= value < len(categories):
+                    raise DataError(
+                        f"batch index {value} out of range for modality {name!r} with "
+                        f"{len(categories)} batches: {categories}"
+                    )
+                codes[i] = value
+            elif str(value) in lookup:
+                codes[i] = lookup[str(value)]
+            else:
+                raise DataError(
+                    f"unknown batch {value!r} of modality {name!r}; valid batches: {categories}"
+                )
+        return codes
+
+    def get_imputed_values(
+        self,
+        source_name: str | None = None,
+        source_adata: ad.AnnData | None = None,
+        target_batch=None,
+        target_libsize=None,
+        batch_size: int = 1024,
+        *,
+        query_name: str | None = None,
+        query_adata: ad.AnnData | None = None,
+        reference_batch=None,
+        reference_libsize=None,
+    ) -> np.ndarray:
+        """The other (target) modality's values for the source cells, on the target's scale.
+
+        Source cells are encoded to their posterior mean ``z`` and decoded by the target's
+        decoder and likelihood (mean feature embeddings, computed once); the result is the
+        likelihood's mean, ``(source cells, target features)``.
+
+        Parameters
+        ----------
+        source_name
+            Modality of the cells (alias ``query_name``).
+        source_adata
+            Cells to impute (alias ``query_adata``); default: the training cells of
+            ``source_name``.
+        target_batch
+            Batch of the target modality to decode into: category name or index, one value or
+            one per cell (alias ``reference_batch``). Default: the first batch.
+        target_libsize
+            Library size in counts for count likelihoods, scalar or one per cell (alias
+            ``reference_libsize``). Default: median library size of the target's training
+            cells. Ignored by continuous likelihoods.
+        """
+        source_name = _alias(source_name, query_name, "source_name", "query_name")
+        source_adata = _alias(source_adata, query_adata, "source_adata", "query_adata")
+        target_batch = _alias(target_batch, reference_batch, "target_batch", "reference_batch")
+        target_libsize = _alias(
+            target_libsize, reference_libsize, "target_libsize", "reference_libsize"
+        )
+        if source_name is None:
+            raise TypeError("give source_name (or query_name): the modality of the cells")
+        target = self._other(source_name)
+        source = self._read(source_name, source_adata)
+        n = source.n_obs
+        if target_libsize is None:
+            X = self.data[target].X
+            totals = np.asarray(X.sum(1)).ravel() if sp.issparse(X) else X.sum(1)
+            target_libsize = float(np.median(totals))
+        library = np.broadcast_to(np.asarray(target_libsize, dtype=np.float32), (n,)).copy()
+        batch = self._batch_codes(target, target_batch, n)
+        return inference.imputed_values(self.module, source, target, batch, library, batch_size)
+
+    def predict_celltype(
+        self,
+        labeled_modality: str | None = None,
+        target_modality: str | None = None,
+        method: str = "classifier",
+        k: int = 15,
+    ) -> dict[str, Any]:
+        """Transfer labels to the cells of ``target_modality``.
+
+        ``method="classifier"``: softmax of the trained classifier on the posterior mean;
+        ``method="knn"``: class fractions among the ``k`` nearest labelled cells of
+        ``labeled_modality`` in the joint latent space. Only real classes are predicted.
+
+        Returns
+        -------
+        ``{"predictions": class names, "probabilities": DataFrame (target cells x classes),
+        "confidence": maximum probability}``.
+        """
+        categories = list(self.spec.label_categories)
+        if not categories:
+            raise DataError(
+                "no cell labels: call setup_anndata with labels_key= on a modality and retrain"
+            )
+        if labeled_modality is None:
+            labeled_modality = next(
+                (m for m, d in self.data.items() if (d.labels != UNLABELED).any()),
+                next(iter(self.data)),
+            )
+        if target_modality is None:
+            target_modality = self._other(labeled_modality)
+        self._check_name(labeled_modality)
+        self._check_name(target_modality)
+        z = self.get_latent_representation()
+        if method == "classifier":
+            if self.module.classifier is None:
+                raise DataError("this model has no classifier (classifier=None); use method='knn'")
+            probs = inference.class_probabilities(self.module, z[target_modality])
+        elif method == "knn":
+            labels = self.data[labeled_modality].labels
+            known = labels != UNLABELED
+            if not known.any():
+                raise DataError(f"modality {labeled_modality!r} has no labelled cells")
+            probs = inference.knn_probabilities(
+                z[labeled_modality][known], labels[known], z[target_modality], len(categories), k
+            )
+        else:
+            raise ValueError(f"method must be 'classifier' or 'knn', got {method!r}")
+        frame = pd.DataFrame(
+            probs, index=self.data[target_modality].obs_names.copy(), columns=categories
+        )
+        return {
+            "predictions": np.asarray(categories, dtype=object)[probs.argmax(1)],
+            "probabilities": frame,
+            "confidence": probs.max(1),
+        }
+
+    def posterior_predictive_sample(
+        self, n_samples: int = 1, batch_size: int = 1024
+    ) -> dict[str, np.ndarray]:
+        """``{modality: (n_samples, cells, features)}`` of ``x ~ p(x|z)``, ``z ~ q(z|x)``."""
+        return {
+            m: inference.posterior_predictive(self.module, d, n_samples, batch_size)
+            for m, d in self.data.items()
+        }
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, dir_path: str | Path, save_anndata: bool = False, overwrite: bool = False):
+        """Write weights, setup, features, labels, batches and guidance graph to ``dir_path``.
+
+        ``model.pt`` loads with ``torch.load(weights_only=True)``; the AnnData objects are
+        written (``<modality>.h5ad``) only with ``save_anndata=True``.
+        """
+        path = Path(dir_path)
+        if (path / MODEL_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{path / MODEL_FILE} exists; pass overwrite=True")
+        path.mkdir(parents=True, exist_ok=True)
+        attrs = {
+            "init_args": self.init_args,
+            "setups": {m: dataclasses.asdict(s) for m, s in self.setups.items()},
+            "var_names": {m: [str(v) for v in d.var_names] for m, d in self.data.items()},
+            "batch_categories": {m: list(d.batch_categories) for m, d in self.data.items()},
+            "label_categories": list(self.spec.label_categories),
+            "graph": graph_to_dict(self.spec.graph),
+            "history": None if self.history is None else self.history.to_dict(orient="list"),
+            "is_trained": self.is_trained,
+        }
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        atomic_write(
+            path / MODEL_FILE, lambda f: torch.save({"state_dict": state, "attrs": attrs}, f)
+        )
+        if save_anndata:
+            for m, adata in self.adatas.items():
+                atomic_write(path / f"{m}.h5ad", lambda f, a=adata: a.write_h5ad(f))
+
+    @classmethod
+    def load(cls, dir_path: str | Path, adatas: Mapping[str, ad.AnnData] | None = None) -> DIAGVI:
+        """Restore a saved model on ``adatas`` (default: the AnnData saved with it).
+
+        Feature names and order are checked against the saved ones.
+        """
+        path = Path(dir_path)
+        saved = torch.load(path / MODEL_FILE, weights_only=True, map_location="cpu")
+        attrs = saved["attrs"]
+        if adatas is None:
+            adatas = {m: ad.read_h5ad(path / f"{m}.h5ad") for m in attrs["var_names"]}
+        adatas = cls._as_dict(adatas)
+        if sorted(adatas) != sorted(attrs["var_names"]):
+            raise DataError(
+                f"the model was saved with modalities {list(attrs['var_names'])}, "
+                f"got {list(adatas)}"
+            )
+        adatas = {m: adatas[m] for m in attrs["var_names"]}
+        for m, adata in adatas.items():
+            check_features(m, attrs["var_names"][m], adata.var_names)
+        graph = graph_from_dict(attrs["graph"])
+        setups = {m: ModalitySetup(**s) for m, s in attrs["setups"].items()}
+        self = cls.__new__(cls)
+        self._build(
+            adatas, setups, attrs["init_args"], graph, categories=tuple(attrs["label_categories"])
+        )
+        for m, d in self.data.items():
+            if d.batch_categories != attrs["batch_categories"][m]:
+                raise DataError(
+                    f"modality {m!r}: batches {d.batch_categories} differ from the saved "
+                    f"{attrs['batch_categories'][m]}"
+                )
+        self.module.load_state_dict(saved["state_dict"])
+        self.module.eval()
+        self.is_trained = attrs["is_trained"]
+        if attrs["history"] is not None:
+            self.history = pd.DataFrame(attrs["history"]).rename_axis("epoch")
+        return self
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{m}: {d.n_obs} x {d.n_vars}" for m, d in self.data.items())
+        return f"DIAGVI({shapes}; trained={self.is_trained})"
+
+
+def _alias(value, alias, name: str, alias_name: str):
+    if alias is None:
+        return value
+    if value is not None:
+        raise TypeError(f"give {name} or its alias {alias_name}, not both")
+    return alias
+
+
+def _recode_labels(data: Mapping[str, ModalityData], found, categories) -> None:
+    """Re-encode label codes from ``found`` classes to the saved ``categories``."""
+    unknown = sorted(set(found) - set(categories))
+    if unknown:
+        raise DataError(f"labels {unknown} were not classes of the saved model: {list(categories)}")
+    remap = np.array([list(categories).index(c) for c in found] + [UNLABELED], dtype=np.int64)
+    for d in data.values():
+        d.labels = remap[d.labels]  # UNLABELED (-1) indexes the last entry

@@ -1,0 +1,224 @@
+"""The DIAGVI user API on a small synthetic pair with a few epochs of CPU training."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from diagvi import DIAGVI, DataError
+from diagvi.lit import DEFAULT_WEIGHTS
+from diagvi.synthetic import make_synthetic_pair
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EPOCHS = 4
+
+
+def synthetic(labels: bool = True):
+    adatas, mapping = make_synthetic_pair(n_cells=200, n_genes=40, n_proteins=10)
+    rna, protein = adatas["rna"], adatas["protein"]
+    rna.obs["cell_type"] = rna.obs["cell_type"].astype(str)
+    rna.obs.loc[rna.obs_names[::5], "cell_type"] = "unknown"  # some unlabelled cells
+    protein.obs["batch"] = np.where(np.arange(protein.n_obs) % 2, "b1", "b0")
+    DIAGVI.setup_anndata(rna, labels_key="cell_type" if labels else None)
+    DIAGVI.setup_anndata(protein, batch_key="batch")
+    return adatas, mapping
+
+
+@pytest.fixture(scope="module")
+def trained():
+    adatas, mapping = synthetic()
+    before = {m: a.copy() for m, a in adatas.items()}
+    model = DIAGVI(adatas, mapping_df=mapping, n_latent=8)
+    model.train(max_epochs=EPOCHS, accelerator="cpu", batch_size=64)
+    return model, adatas, before
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def test_setup_anndata_writes_plain_dict_and_checks_likelihood():
+    adatas, _ = make_synthetic_pair(n_cells=20, n_genes=10, n_proteins=5)
+    DIAGVI.setup_anndata(adatas["rna"], labels_key="cell_type", likelihood="zinb")
+    setup = adatas["rna"].uns["diagvi_setup"]
+    assert type(setup) is dict
+    assert setup["likelihood"] == "zinb" and setup["labels_key"] == "cell_type"
+    with pytest.raises(DataError, match="nb.*normal"):
+        DIAGVI.setup_anndata(adatas["protein"], likelihood="poisson")
+    with pytest.raises(DataError, match="not an obs column"):
+        DIAGVI.setup_anndata(adatas["protein"], batch_key="nope")
+
+
+def test_rejects_other_containers_and_missing_setup():
+    adatas, _ = make_synthetic_pair(n_cells=20, n_genes=10, n_proteins=5)
+    with pytest.raises(TypeError, match="dict"):
+        DIAGVI(list(adatas.values()))
+    with pytest.raises(DataError, match="setup_anndata"):
+        DIAGVI(adatas)
+
+
+def test_mudata_input():
+    mudata = pytest.importorskip("mudata")
+    adatas, mapping = synthetic()
+    model = DIAGVI(mudata.MuData(adatas), mapping_df=mapping)
+    assert set(model.data) == {"rna", "protein"}
+
+
+def test_defaults_are_those_of_the_configs():
+    cfg = OmegaConf.load(CONFIGS / "model" / "diagvi.yaml")
+    init = inspect.signature(DIAGVI.__init__).parameters
+    train = inspect.signature(DIAGVI.train).parameters
+    assert init["n_latent"].default == cfg.n_latent
+    for key, value in cfg.encoder.items():
+        assert init[key].default == value
+    for key, value in DEFAULT_WEIGHTS.items():
+        assert train[key].default == cfg[key] == value
+    assert train["lr"].default == cfg.lr and train["weight_decay"].default == cfg.weight_decay
+    defaults = {d if isinstance(d, str) else next(iter(d.items())) for d in cfg.defaults}
+    assert ("prior", init["prior"].default or "normal") in defaults
+    for key in ("graph_encoder", "alignment", "classifier"):
+        assert (key, init[key].default) in defaults
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_history_has_every_term_per_epoch(trained):
+    model, _, _ = trained
+    h = model.history
+    assert len(h) == EPOCHS
+    for stage in ("train", "val"):
+        for term in ("loss", "nll/rna", "nll/protein", "kl/rna", "kl/protein", "align"):
+            assert f"{stage}/{term}" in h.columns
+        assert f"{stage}/graph/nll" in h.columns and f"{stage}/cls/rna" in h.columns
+    assert np.isfinite(h.to_numpy()).all()
+
+
+def test_user_anndata_unchanged(trained):
+    _, adatas, before = trained
+    for m, adata in adatas.items():
+        old = before[m]
+        assert (adata.X != old.X).nnz == 0 if m == "rna" else np.array_equal(adata.X, old.X)
+        assert adata.obs.equals(old.obs) and adata.var.equals(old.var)
+        assert set(adata.uns) == set(old.uns) == {"diagvi_setup"}
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def test_latent_mean_is_deterministic_and_sample_varies(trained):
+    model, adatas, _ = trained
+    z = model.get_latent_representation()
+    assert {m: v.shape for m, v in z.items()} == {"rna": (200, 8), "protein": (200, 8)}
+    assert all(np.isfinite(v).all() and v.dtype == np.float32 for v in z.values())
+    again = model.get_latent_representation()
+    assert all(np.array_equal(z[m], again[m]) for m in z)
+    sample = model.get_latent_representation(give_mean=False)
+    assert all(not np.allclose(z[m], sample[m]) for m in z)
+    subset = model.get_latent_representation({"protein": adatas["protein"][50:80]})
+    np.testing.assert_array_equal(subset["protein"], z["protein"][50:80])
+
+
+def test_imputation_scale_batch_and_aliases(trained):
+    model, adatas, _ = trained
+    imputed = model.get_imputed_values("rna", target_libsize=10000)
+    assert imputed.shape == (200, 10)
+    assert np.isfinite(imputed).all() and (imputed >= 0).all()
+    doubled = model.get_imputed_values("rna", target_libsize=20000)
+    np.testing.assert_allclose(doubled, 2 * imputed, rtol=1e-5)
+    per_cell = np.linspace(100, 1000, 200)
+    np.testing.assert_allclose(
+        model.get_imputed_values("rna", target_libsize=per_cell).sum(1), per_cell, rtol=1e-4
+    )
+    median = np.median(adatas["protein"].X.sum(1))
+    np.testing.assert_allclose(model.get_imputed_values("rna").sum(1), median, rtol=1e-4)
+    by_name = model.get_imputed_values("rna", target_batch="b1", target_libsize=10000)
+    by_index = model.get_imputed_values("rna", target_batch=1, target_libsize=10000)
+    np.testing.assert_array_equal(by_name, by_index)
+    alias = model.get_imputed_values(
+        query_name="rna",
+        query_adata=adatas["rna"],
+        reference_batch="b1",
+        reference_libsize=10000,
+    )
+    np.testing.assert_array_equal(alias, by_name)
+    with pytest.raises(DataError, match=r"valid batches: \['b0', 'b1'\]"):
+        model.get_imputed_values("rna", target_batch="b7")
+    protein_to_rna = model.get_imputed_values("protein", target_libsize=5000)
+    assert protein_to_rna.shape == (200, 40)
+
+
+@pytest.mark.parametrize("method", ["classifier", "knn"])
+def test_predict_celltype(trained, method):
+    model, adatas, _ = trained
+    out = model.predict_celltype("rna", "protein", method=method)
+    probs = out["probabilities"]
+    classes = ["type_0", "type_1", "type_2", "type_3"]
+    assert list(probs.columns) == classes  # the unlabelled category is no class
+    assert probs.index.equals(adatas["protein"].obs_names)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    assert set(out["predictions"]) <= set(classes)
+    np.testing.assert_allclose(out["confidence"], probs.max(1))
+
+
+def test_knn_transfer_within_modality_beats_chance(trained):
+    model, adatas, _ = trained
+    out = model.predict_celltype("rna", "rna", method="knn", k=5)
+    truth = make_synthetic_pair(n_cells=200, n_genes=40, n_proteins=10)[0]["rna"].obs
+    assert (out["predictions"] == truth["cell_type"].astype(str).to_numpy()).mean() > 0.5
+
+
+def test_predict_celltype_without_labels_raises():
+    adatas, mapping = synthetic(labels=False)
+    model = DIAGVI(adatas, mapping_df=mapping)
+    with pytest.raises(DataError, match="labels_key"):
+        model.predict_celltype()
+
+
+def test_posterior_predictive_sample(trained):
+    model, _, _ = trained
+    samples = model.posterior_predictive_sample(n_samples=3)
+    assert samples["rna"].shape == (3, 200, 40) and samples["protein"].shape == (3, 200, 10)
+    for s in samples.values():
+        assert np.isfinite(s).all() and (s >= 0).all() and np.array_equal(s, np.round(s))
+    assert not np.array_equal(samples["rna"][0], samples["rna"][1])
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    model, adatas, _ = trained
+    model.save(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.pt"]
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert saved["attrs"]["var_names"]["protein"] == list(adatas["protein"].var_names)
+    with pytest.raises(FileExistsError):
+        model.save(tmp_path / "run")
+    loaded = DIAGVI.load(tmp_path / "run", adatas)
+    before, after = model.get_latent_representation(), loaded.get_latent_representation()
+    assert all(np.array_equal(before[m], after[m]) for m in before)
+    np.testing.assert_array_equal(
+        loaded.get_imputed_values("rna", target_libsize=100),
+        model.get_imputed_values("rna", target_libsize=100),
+    )
+    assert loaded.history.equals(model.history)
+    model.save(tmp_path / "run", save_anndata=True, overwrite=True)
+    restored = DIAGVI.load(tmp_path / "run")
+    assert np.array_equal(restored.get_latent_representation()["rna"], before["rna"])
+
+
+def test_load_rejects_other_features(trained, tmp_path):
+    model, adatas, _ = trained
+    model.save(tmp_path / "run")
+    swapped = adatas["protein"][:, ::-1].copy()
+    with pytest.raises(DataError, match=r"'protein'.*protein_9"):
+        DIAGVI.load(tmp_path / "run", {"rna": adatas["rna"], "protein": swapped})
+    fewer = ad.AnnData(adatas["protein"].X[:, :5], obs=adatas["protein"].obs)
+    with pytest.raises(DataError, match="10 features"):
+        DIAGVI.load(tmp_path / "run", {"rna": adatas["rna"], "protein": fewer})
