@@ -71,6 +71,10 @@ class ModalityData:
     def n_vars(self) -> int:
         return self.X.shape[1]
 
+    def label_names(self, categories: tuple[str, ...]) -> np.ndarray:
+        """Label name of every cell; ``None`` for unlabelled cells."""
+        return np.array([*categories, None], dtype=object)[self.labels]  # -1 -> None
+
     def rows(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """The minibatch of cells ``idx`` as dense tensors."""
         x = self.X[idx]

@@ -38,6 +38,7 @@ from diagvi.graph import build_guidance_graph
 from diagvi.io import atomic_write, check_features, graph_from_dict, graph_to_dict
 from diagvi.lit import DiagVILightning, HistoryCallback
 from diagvi.module import DiagVAE
+from diagvi.plotting import plot_history, plot_joint_embedding
 from diagvi.registry import ALIGNMENTS, CLASSIFIERS, GRAPH_ENCODERS, LIKELIHOODS, PRIORS
 
 SETUP_KEY = "diagvi_setup"
@@ -525,6 +526,28 @@ class DIAGVI:
         if attrs["history"] is not None:
             self.history = pd.DataFrame(attrs["history"]).rename_axis("epoch")
         return self
+
+    # ------------------------------------------------------------------ plots
+
+    def plot_embedding(self, path: str | Path | None = None):
+        """PCA of the joint latent (posterior means), by modality and by label.
+
+        Saved to ``path`` (returns the path) or returned as a matplotlib Figure.
+        """
+        latents = self.get_latent_representation()
+        categories = self.spec.label_categories
+        labels = {
+            m: d.label_names(categories)
+            for m, d in self.data.items()
+            if (d.labels != UNLABELED).any()
+        }
+        return plot_joint_embedding(latents, path, labels)
+
+    def plot_history(self, path: str | Path | None = None):
+        """Training curves of every logged loss term (train and validation)."""
+        if self.history is None or self.history.empty:
+            raise RuntimeError("the model has no training history; call train() first")
+        return plot_history(self.history, path)
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{m}: {d.n_obs} x {d.n_vars}" for m, d in self.data.items())

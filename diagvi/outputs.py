@@ -34,7 +34,6 @@ def write_run_outputs(
     adatas: Mapping[str, ad.AnnData],
     run_dir: Path,
     paired: bool = False,
-    categories: tuple[str, ...] = (),
 ) -> dict[str, float | str]:
     """Write ``latent_<modality>.h5ad`` (``obsm['X_diagvi']``, posterior mean), ``embedding.png``.
 
@@ -50,9 +49,7 @@ def write_run_outputs(
         written[f"latent_{m}"] = str(path)
     categories = module.spec.label_categories
     labels = {
-        m: np.array([categories[c] if c != UNLABELED else None for c in d.labels], dtype=object)
-        for m, d in data.items()
-        if (d.labels != UNLABELED).any()
+        m: d.label_names(categories) for m, d in data.items() if (d.labels != UNLABELED).any()
     }
     written["embedding_png"] = str(plot_joint_embedding(latents, run_dir / "embedding.png", labels))
     if paired:

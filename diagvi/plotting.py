@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -22,9 +23,9 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
 
 def plot_joint_embedding(
     latents: Mapping[str, np.ndarray],
-    path: str | Path,
+    path: str | Path | None = None,
     labels: Mapping[str, np.ndarray] | None = None,
-) -> Path:
+) -> Path | Figure:
     """PCA of the joint latent space, coloured by modality and (when given) by label.
 
     Parameters
@@ -32,7 +33,7 @@ def plot_joint_embedding(
     latents
         ``{modality: (cells, n_latent)}``.
     path
-        Output PNG.
+        Output PNG; ``None`` returns the open Figure instead.
     labels
         ``{modality: label per cell}``; missing modalities or ``None`` entries are "unlabelled".
     """
@@ -53,7 +54,38 @@ def plot_joint_embedding(
             ax.scatter(xy[keep, 0], xy[keep, 1], s=4, alpha=0.6, label=category)
         ax.set(title=f"diagvi latent (PCA), by {title}", xlabel="PC1", ylabel="PC2")
         ax.legend(markerscale=3, fontsize=7, loc="best")
+    return _finish(fig, path)
+
+
+def plot_history(history: pd.DataFrame, path: str | Path | None = None) -> Path | Figure:
+    """Training curves: one panel per loss term, train and validation together.
+
+    Parameters
+    ----------
+    history
+        Per-epoch values with columns ``train/<term>`` and ``val/<term>`` (``model.history``).
+    path
+        Output PNG; ``None`` returns the open Figure instead.
+    """
+    terms = sorted({c.split("/", 1)[1] for c in history.columns if "/" in c})
+    cols = min(4, len(terms))
+    rows = -(-len(terms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, term in zip(axes.flat, terms, strict=False):
+        for stage in ("train", "val"):
+            if f"{stage}/{term}" in history:
+                ax.plot(history.index, history[f"{stage}/{term}"], label=stage)
+        ax.set(title=term, xlabel="epoch")
+        ax.legend(fontsize=7)
+    for ax in axes.flat[len(terms) :]:
+        ax.axis("off")
+    return _finish(fig, path)
+
+
+def _finish(fig: Figure, path: str | Path | None) -> Path | Figure:
     fig.tight_layout()
+    if path is None:
+        return fig
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)

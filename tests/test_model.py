@@ -222,3 +222,20 @@ def test_load_rejects_other_features(trained, tmp_path):
     fewer = ad.AnnData(adatas["protein"].X[:, :5], obs=adatas["protein"].obs)
     with pytest.raises(DataError, match="10 features"):
         DIAGVI.load(tmp_path / "run", {"rna": adatas["rna"], "protein": fewer})
+
+
+def test_plots_save_files_and_return_figures(tmp_path):
+    from matplotlib.figure import Figure
+
+    adatas, mapping = make_synthetic_pair(n_cells=80, n_genes=20, n_proteins=6, seed=3)
+    DIAGVI.setup_anndata(adatas["rna"], labels_key="cell_type")
+    DIAGVI.setup_anndata(adatas["protein"])
+    model = DIAGVI(adatas, mapping_df=mapping, n_latent=4, n_hidden=16, n_layers=1)
+    with pytest.raises(RuntimeError, match="train"):
+        model.plot_history()
+    model.train(max_epochs=2, accelerator="cpu", batch_size=32)
+    assert isinstance(model.plot_embedding(), Figure)
+    assert isinstance(model.plot_history(), Figure)
+    for name, plot in (("embedding", model.plot_embedding), ("history", model.plot_history)):
+        path = plot(tmp_path / f"{name}.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
