@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -9,20 +11,33 @@ from diagvi.data import ModalityData
 from diagvi.module import DiagVAE
 
 
-@torch.no_grad()
+def _inference(fn):
+    """No gradients, module in eval mode (dropout off) and restored afterwards."""
+
+    @functools.wraps(fn)
+    @torch.no_grad()
+    def run(module: DiagVAE, *args, **kwargs):
+        was_training = module.training
+        module.eval()
+        try:
+            return fn(module, *args, **kwargs)
+        finally:
+            module.train(was_training)
+
+    return run
+
+
+@_inference
 def latent_representation(
     module: DiagVAE, data: ModalityData, batch_size: int = 1024, give_mean: bool = True
 ) -> np.ndarray:
     """Posterior mean (or one sample) of ``z`` for every cell of ``data``, in row order."""
-    was_training = module.training
-    module.eval()
     device = next(module.parameters()).device
     out = []
-    for start in range(0, data.n_obs, batch_size):
-        rows = data.rows(np.arange(start, min(start + batch_size, data.n_obs)))
+    for idx in _minibatches(data.n_obs, batch_size):
+        rows = data.rows(idx)
         qz = module.encode(data.name, rows["x"].to(device))
         out.append((qz.loc if give_mean else qz.sample()).cpu().numpy())
-    module.train(was_training)
     return np.concatenate(out)
 
 
@@ -31,17 +46,13 @@ def _minibatches(n: int, batch_size: int):
         yield np.arange(start, min(start + batch_size, n))
 
 
-@torch.no_grad()
+@_inference
 def feature_embeddings(module: DiagVAE) -> torch.Tensor:
     """Mean feature embeddings ``E[v] = qv.loc`` of every graph node (one graph-encoder pass)."""
-    was_training = module.training
-    module.eval()
-    v = module.g2v().loc
-    module.train(was_training)
-    return v
+    return module.g2v().loc
 
 
-@torch.no_grad()
+@_inference
 def imputed_values(
     module: DiagVAE,
     source: ModalityData,
@@ -56,8 +67,6 @@ def imputed_values(
     *target* modality's decoder and likelihood with the target's mean feature embeddings
     (computed once), batch codes ``batch`` and library sizes ``library`` (one per cell).
     """
-    was_training = module.training
-    module.eval()
     device = next(module.parameters()).device
     v = feature_embeddings(module).to(device)
     out = []
@@ -67,11 +76,10 @@ def imputed_values(
         b = torch.as_tensor(batch[idx], dtype=torch.long, device=device)
         lib = torch.as_tensor(library[idx], dtype=torch.float32, device=device).unsqueeze(-1)
         out.append(module.decode(target, z, v, b, lib).mean.cpu().numpy())
-    module.train(was_training)
     return np.concatenate(out)
 
 
-@torch.no_grad()
+@_inference
 def posterior_predictive(
     module: DiagVAE, data: ModalityData, n_samples: int = 1, batch_size: int = 1024
 ) -> np.ndarray:
@@ -79,8 +87,6 @@ def posterior_predictive(
 
     Each cell keeps its own batch and library size; feature embeddings are their means.
     """
-    was_training = module.training
-    module.eval()
     device = next(module.parameters()).device
     v = feature_embeddings(module).to(device)
     out = []
@@ -93,21 +99,17 @@ def posterior_predictive(
             module.decode(data.name, qz.sample(), v, b, lib).sample() for _ in range(n_samples)
         ]
         out.append(torch.stack(draws).cpu().numpy())
-    module.train(was_training)
     return np.concatenate(out, axis=1)
 
 
-@torch.no_grad()
+@_inference
 def class_probabilities(module: DiagVAE, z: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Softmax of the classifier's logits on latent points ``z``: ``(cells, n_labels)``."""
-    was_training = module.training
-    module.eval()
     device = next(module.parameters()).device
     out = []
     for idx in _minibatches(len(z), batch_size):
         logits = module.classifier(torch.as_tensor(z[idx], device=device))
         out.append(torch.softmax(logits, -1).cpu().numpy())
-    module.train(was_training)
     return np.concatenate(out).astype(np.float64)
 
 
