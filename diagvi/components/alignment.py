@@ -24,7 +24,12 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, p: int = 2) -> torch.Tensor:
 
 
 def adaptive_blur(
-    x: torch.Tensor, y: torch.Tensor, p: int = 2, rule: str = "mean", scale: float = 0.05
+    x: torch.Tensor,
+    y: torch.Tensor,
+    p: int = 2,
+    rule: str = "mean",
+    scale: float = 0.05,
+    cost: torch.Tensor | None = None,
 ) -> float:
     """Blur from the minibatch's cost: ``epsilon = scale * rule(C)``, ``blur = epsilon^(1/p)``.
 
@@ -36,7 +41,7 @@ def adaptive_blur(
     if rule not in EPSILON_RULES:
         raise ValueError(f"unknown epsilon rule {rule!r}; expected one of {EPSILON_RULES}")
     with torch.no_grad():
-        cost = cost_matrix(x.detach(), y.detach(), p)
+        cost = cost_matrix(x.detach(), y.detach(), p) if cost is None else cost.detach()
         stat = cost.mean() if rule == "mean" else cost.std()
         epsilon = (scale * stat).clamp_min(1e-8)
     return float(epsilon) ** (1.0 / p)
@@ -97,9 +102,11 @@ class UnbalancedSinkhorn(nn.Module):
         self.reach_scale, self.scale_cost = reach_scale, scale_cost
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def current_blur(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def current_blur(
+        self, x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor | None = None
+    ) -> float:
         if self.blur_mode == "adaptive":
-            return adaptive_blur(x, y, self.p, self.epsilon_rule, self.epsilon_scale)
+            return adaptive_blur(x, y, self.p, self.epsilon_rule, self.epsilon_scale, cost)
         if self.blur_mode == "fixed":
             return self.blur
         progress = min(int(self.step) / max(self.anneal_steps, 1), 1.0)
@@ -107,12 +114,15 @@ class UnbalancedSinkhorn(nn.Module):
 
     def forward(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
         x, y = z.values()
+        cost = None
         if self.scale_cost == "mean":
             # differentiated on purpose: a detached scale would leave a gradient that shrinks
             # both clouds every step, and the latent space collapses towards a point
-            unit = cost_matrix(x, y, self.p).mean().clamp_min(1e-12) ** (1.0 / self.p)
-            x, y = x / unit, y / unit
-        blur = self.current_blur(x, y)
+            cost = cost_matrix(x, y, self.p)
+            mean_cost = cost.mean().clamp_min(1e-12)
+            x, y = x / mean_cost ** (1.0 / self.p), y / mean_cost ** (1.0 / self.p)
+            cost = cost / mean_cost  # the rescaled clouds' cost, reused by the blur rule
+        blur = self.current_blur(x, y, cost)
         reach = None if self.reach_scale is None else self.reach_scale * blur
         if self.training:
             self.step += 1
