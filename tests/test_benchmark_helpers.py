@@ -1,0 +1,123 @@
+"""Pure helpers of experiments/benchmark (the benchmark itself is not part of the suite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments.benchmark import baselines, datasets, scoring
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
+
+
+def test_log_normalise_and_zscore():
+    x = np.array([[1.0, 3.0], [0.0, 0.0]])
+    np.testing.assert_allclose(
+        baselines.log_normalise(x), [[np.log1p(2500), np.log1p(7500)], [0, 0]]
+    )
+    z = baselines.zscore(np.array([[1.0, 5.0], [3.0, 5.0]]))
+    np.testing.assert_allclose(z, [[-1, 0], [1, 0]])
+
+
+def test_linked_matrices_group_by_the_smaller_side():
+    counts = {"rna": np.array([[1.0, 2.0, 7.0], [4.0, 0.0, 6.0]]), "protein": np.eye(2) + 1}
+    var = {"rna": pd.Index(["CD8A", "CD8B", "X"]), "protein": pd.Index(["CD8", "Y"])}
+    mapping = pd.DataFrame({"rna": ["CD8A", "CD8B"], "protein": ["CD8", "CD8"]})
+    a, b, keys = baselines.linked_matrices(counts, var, mapping)
+    assert keys == ["CD8"] and a.shape == b.shape == (2, 1)
+    # rna column: CD8A + CD8B over the cell's total (10 for both cells), log1p, z-score
+    raw = np.log1p(np.array([3.0, 4.0]) / 10 * 1e4)
+    np.testing.assert_allclose(a[:, 0], (raw - raw.mean()) / raw.std())
+
+
+def test_joint_pca_reproduces_the_demo_baseline():
+    from diagvi.datasets import load_demo
+    from experiments.demo_data import baseline_foscttm as demo
+
+    rna_z, prot_z, proteins = demo.linked_feature_matrices()
+    adatas, mapping = load_demo()
+    counts = {m: baselines.dense(a.X) for m, a in adatas.items()}
+    var = {m: a.var_names for m, a in adatas.items()}
+    a, b, keys = baselines.linked_matrices(counts, var, mapping)
+    assert keys == proteins
+    np.testing.assert_allclose(a, rna_z, atol=1e-3)  # the demo script is float32
+    np.testing.assert_allclose(b, prot_z, atol=1e-3)
+    emb = baselines.joint_pca(counts, var, mapping, n_comps=10)
+    expected = demo.joint_pca(rna_z, prot_z, 10)
+    # principal axes are defined up to sign
+    signs = np.sign((emb["rna"] * expected[0]).sum(0))
+    np.testing.assert_allclose(emb["rna"] * signs, expected[0], atol=1e-2)
+    np.testing.assert_allclose(emb["protein"] * signs, expected[1], atol=1e-2)
+
+
+def test_knn_impute_averages_nearest_targets():
+    z_target = np.array([[0.0], [1.0], [10.0]])
+    values = np.array([[2.0], [4.0], [100.0]])
+    out = baselines.knn_impute(np.array([[0.4], [9.0]]), z_target, values, k=2)
+    np.testing.assert_allclose(out, [[3.0], [52.0]])
+
+
+def test_gate_labels():
+    # CD3, CD4, CD8, CD19, CD56, CD14 high in turn; the last cell is flat
+    proteins = ["CD3", "CD4", "CD8", "CD19", "CD56", "CD14"]
+    base = np.full(6, 5.0)
+    cells = [[100, 100, 5, 5, 5, 5], [100, 5, 100, 5, 5, 5], [5, 5, 5, 100, 5, 5]]
+    cells += [[5, 5, 5, 5, 100, 5], [5, 5, 5, 5, 5, 100], base]
+    labels = datasets.gate_labels(np.array(cells * 3, dtype=float), proteins)
+    assert labels[:6].tolist() == ["CD4 T", "CD8 T", "B", "NK", "Monocyte", datasets.OTHER]
+
+
+def _toy(rng, n=60) -> datasets.BenchData:
+    labels = np.repeat(["x", "y", "z"], n // 3)
+    counts = rng.poisson(3, size=(n, 5)).astype(np.float32)
+    adatas = {}
+    for m in ("a", "b"):
+        adata = ad.AnnData(counts.copy(), obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]))
+        adata.var_names = [f"g{j}" for j in range(5)]
+        adata.layers["counts"] = adata.X.copy()
+        adatas[m] = adata
+    return datasets.BenchData(
+        name="toy",
+        adatas=adatas,
+        mapping=pd.DataFrame({"a": ["g0", "g1"], "b": ["g0", "g1"]}),
+        labels={"a": labels, "b": labels},
+        pairs=np.stack([np.arange(n), np.arange(n)], 1),
+        missing_type="z",
+        impute=("a", "b", ["g2", "g3", "g4"]),
+    )
+
+
+def test_evaluate_perfect_embedding():
+    rng = np.random.default_rng(0)
+    ds = _toy(rng)
+    labels = ds.labels["a"]
+    centres = {"x": 0.0, "y": 10.0, "z": 20.0}
+    z = np.array([[centres[c], 0.0] for c in labels]) + 0.1 * rng.normal(size=(len(labels), 2))
+    latents = {"a": z, "b": z.copy()}
+    before = {m: z for m in ("a", "b")}
+    counts = ds.adatas["b"].layers["counts"]
+    out = scoring.evaluate(ds, latents, before, imputed=counts * 3.0)
+    assert out["foscttm"] == 0.0
+    assert out["transfer_accuracy"] == 1.0 and out["transfer_macro_f1"] == 1.0
+    assert out["unshared_transfer"] == pytest.approx(1 / 3)  # b still holds "z" here
+    assert out["nc_mean"] == 1.0 and out["graph_connectivity"] == 1.0
+    assert out["celltype_asw"] > 0.9 and out["mixing_entropy"] > 0.9
+    assert out["impute_pearson"] == pytest.approx(1.0)
+    assert set(out) <= set(scoring.METRICS)
+
+
+@needs_shared
+def test_gene_split_is_consistent():
+    ds = datasets.load_gene_split()
+    a, b = ds.adatas["a"], ds.adatas["b"]
+    assert ds.missing_type not in set(ds.labels["b"])
+    assert ds.missing_type in set(ds.labels["a"])
+    np.testing.assert_array_equal(a.obs_names[ds.pairs[:, 0]], b.obs_names[ds.pairs[:, 1]])
+    assert set(ds.mapping["a"]) == set(a.var_names) & set(b.var_names)
+    assert not set(ds.impute[2]) & set(a.var_names)
+    assert "cell_type" in a.obs and "cell_type" not in b.obs  # the model sees a's labels only
