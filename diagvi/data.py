@@ -1,14 +1,15 @@
-"""From AnnData to paired minibatches: per-modality setup, validation, splits and loaders.
+"""From AnnData to paired minibatches: per-modality setup, reading, encoding, splits and loaders.
 
 Each modality is read once into a :class:`ModalityData` (a private copy of the matrix, batch
-codes, label codes), validated with messages that name the modality and the field. Training
-pairs the two modalities: one minibatch is ``{"rna": {...}, "protein": {...}}``.
+codes, label codes), validated on the way by :mod:`diagvi.checks` (messages that name the
+modality, the field, what was expected and how to fix it; ``docs/input_checks.md`` lists every
+check). Training pairs the two modalities: one minibatch is ``{"rna": {...}, "protein": {...}}``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anndata as ad
@@ -19,10 +20,21 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diagvi.checks import (  # check_adatas: also imported from here by diagvi.model
+    _check_anndata,
+    _check_names,
+    _check_setups,
+    _check_values,
+    _matrix,
+    _obs_column,
+    _support,
+    check_adatas,
+    handle_empty,
+)
 from diagvi.errors import DataError
-from diagvi.registry import LIKELIHOODS
 
 UNLABELED = -1  # label code of an unlabelled cell
+EMPTY_POLICIES = ("warn", "drop", "error")
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,12 @@ class ModalitySetup:
         Label value of cells without a label (NaN counts as unlabelled too).
     likelihood
         Registered likelihood name (``nb``, ``zinb``, ``nbmixture``, ``normal``, ...).
+    empty
+        What to do with all-zero cells and features when reading the training data:
+        ``"warn"`` (default) keeps them and warns, ``"drop"`` drops the all-zero cells (all-zero
+        features are kept, with the warning, because the feature set must match the guidance
+        graph and any data later passed for inference), ``"error"`` raises :class:`DataError`.
+        The default keeps every output aligned with the user's cells.
     """
 
     layer: str | None = None
@@ -48,6 +66,23 @@ class ModalitySetup:
     labels_key: str | None = None
     unlabeled_category: str = "unknown"
     likelihood: str = "nb"
+    empty: str = "warn"
+
+    def __post_init__(self) -> None:
+        for key in ("layer", "batch_key", "labels_key"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(
+                    f"ModalitySetup.{key} must be a str or None, got {value!r}; give the name "
+                    f"of the {'layer' if key == 'layer' else 'obs column'}"
+                )
+        if not isinstance(self.likelihood, str):
+            raise TypeError(f"ModalitySetup.likelihood must be a str, got {self.likelihood!r}")
+        if self.empty not in EMPTY_POLICIES:
+            raise DataError(
+                f"ModalitySetup.empty must be one of {list(EMPTY_POLICIES)}, got {self.empty!r}; "
+                "'warn' keeps all-zero cells and features, 'drop' drops the cells, 'error' refuses"
+            )
 
 
 @dataclass
@@ -119,70 +154,53 @@ class DataSpec:
         return cls(modalities, tuple(label_categories), graph)
 
 
-def _matrix(name: str, adata: ad.AnnData, setup: ModalitySetup) -> np.ndarray | sp.csr_matrix:
-    if setup.layer is None:
-        X = adata.X
-    elif setup.layer in adata.layers:
-        X = adata.layers[setup.layer]
-    else:
-        raise DataError(
-            f"modality {name!r}: layer {setup.layer!r} not found; available layers: "
-            f"{list(adata.layers.keys()) or 'none'} (use layer=None to read X)"
-        )
-    if X is None:
-        raise DataError(f"modality {name!r}: X is empty; pass layer= to read a layer")
-    X = (
-        sp.csr_matrix(X, dtype=np.float32, copy=True)
-        if sp.issparse(X)
-        else np.array(X, dtype=np.float32)
-    )
-    values = X.data if sp.issparse(X) else X
-    if not np.isfinite(values).all():
-        raise DataError(f"modality {name!r}: data contain NaN or Inf values; remove or impute them")
-    lik = LIKELIHOODS.get(setup.likelihood)
-    if lik.nonnegative and (values < 0).any():
-        raise DataError(
-            f"modality {name!r}: likelihood {setup.likelihood!r} needs non-negative data, found "
-            f"negative values; use likelihood='normal' for centred/scaled data"
-        )
-    if lik.counts and not np.equal(np.mod(values, 1), 0).all():
-        raise DataError(
-            f"modality {name!r}: likelihood {setup.likelihood!r} needs raw integer counts, found "
-            f"non-integer values; pass the raw-count layer or a continuous likelihood"
-        )
-    return X
+# ---------------------------------------------------------------------------------------------
+# one modality
 
 
-def _codes(name: str, adata: ad.AnnData, key: str, what: str) -> pd.Series:
-    if key not in adata.obs:
+def _batches(name: str, adata: ad.AnnData, key: str | None) -> tuple[np.ndarray, list[str]]:
+    """Batch codes ``0 .. B-1`` and the names of the batches that have cells."""
+    if key is None:
+        return np.zeros(adata.n_obs, dtype=np.int64), ["0"]
+    values = _obs_column(name, adata, key, "batch_key").astype("category")
+    missing = values.isna().to_numpy()
+    if missing.any():
         raise DataError(
-            f"modality {name!r}: {what} {key!r} is not a column of obs; "
-            f"columns: {list(adata.obs.columns)}"
+            f"modality {name!r}: batch_key {key!r} has missing values in {int(missing.sum())} "
+            f"cell(s), e.g. {adata.obs_names[np.argmax(missing)]!r}; expected a batch for every "
+            "cell: fill them in (e.g. with 'unknown') or drop those cells"
         )
-    return adata.obs[key]
+    values = values.cat.remove_unused_categories()  # a batch with no cell would train nothing
+    return values.cat.codes.to_numpy().astype(np.int64), [str(c) for c in values.cat.categories]
 
 
 def read_modality(name: str, adata: ad.AnnData, setup: ModalitySetup) -> ModalityData:
-    """Validate one AnnData and copy what training needs out of it."""
-    if not isinstance(adata, ad.AnnData):
-        raise TypeError(f"modality {name!r}: expected an AnnData, got {type(adata).__name__}")
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise DataError(
-            f"modality {name!r} is empty ({adata.n_obs} cells x {adata.n_vars} features)"
+    """Validate one AnnData and copy what training needs out of it.
+
+    The cheap checks (type, shape, names, obs columns, likelihood) come before the matrix is
+    copied and its values checked. The user's AnnData is never modified.
+
+    Raises
+    ------
+    TypeError
+        ``adata`` is not an AnnData, ``setup`` not a :class:`ModalitySetup`, or the matrix is
+        not real-valued.
+    DataError
+        Any failed check (``docs/input_checks.md``).
+    """
+    _check_anndata(name, adata)
+    if not isinstance(setup, ModalitySetup):
+        raise TypeError(
+            f"modality {name!r}: expected a ModalitySetup, got {type(setup).__name__}; "
+            "build one with ModalitySetup(layer=..., batch_key=..., ...)"
         )
-    for what, names in (("obs_names", adata.obs_names), ("var_names", adata.var_names)):
-        if names.has_duplicates:
-            dup = names[names.duplicated()].unique()[:5].tolist()
-            raise DataError(f"modality {name!r}: duplicated {what}, e.g. {dup}; make them unique")
-    X = _matrix(name, adata, setup)
-    if setup.batch_key is None:
-        batch, categories = np.zeros(adata.n_obs, dtype=np.int64), ["0"]
-    else:
-        values = _codes(name, adata, setup.batch_key, "batch_key").astype("category")
-        if values.isna().any():
-            raise DataError(f"modality {name!r}: batch_key {setup.batch_key!r} has missing values")
-        batch = values.cat.codes.to_numpy().astype(np.int64)
-        categories = [str(c) for c in values.cat.categories]
+    _check_names(name, adata)
+    if setup.labels_key is not None:
+        _obs_column(name, adata, setup.labels_key, "labels_key")
+    _support(name, setup.likelihood)
+    batch, categories = _batches(name, adata, setup.batch_key)
+    X, where = _matrix(name, adata, setup.layer)
+    _check_values(name, where, X, setup.likelihood, adata)
     return ModalityData(
         name=name,
         X=X,
@@ -195,10 +213,18 @@ def read_modality(name: str, adata: ad.AnnData, setup: ModalitySetup) -> Modalit
     )
 
 
-def _label_series(name: str, adata: ad.AnnData, setup: ModalitySetup) -> pd.Series:
-    raw = _codes(name, adata, setup.labels_key, "labels_key")
-    labels = raw.astype(object).where(raw.notna(), None)
-    return labels.where(labels.astype(str) != str(setup.unlabeled_category), None)
+# ---------------------------------------------------------------------------------------------
+# both modalities and their labels
+
+
+def _label_values(name: str, adata: ad.AnnData, setup: ModalitySetup) -> pd.Series:
+    """Labels as strings (classes match by name), ``None`` for unlabelled cells.
+
+    A cell is unlabelled when its label is missing (NaN/None) or ``setup.unlabeled_category``.
+    """
+    raw = _obs_column(name, adata, setup.labels_key, "labels_key")
+    labels = raw.astype(object).where(raw.notna(), None).map(str, na_action="ignore")
+    return labels.where(labels != str(setup.unlabeled_category), None).reset_index(drop=True)
 
 
 def read_modalities(
@@ -206,45 +232,57 @@ def read_modalities(
 ) -> tuple[dict[str, ModalityData], tuple[str, ...]]:
     """Read both modalities and encode their labels against one shared list of classes.
 
-    Returns the per-modality data and the label categories (sorted union of the labelled
-    classes of every modality; the unlabelled category is never a class).
+    Applies each modality's ``empty`` policy (:func:`diagvi.checks.handle_empty`).
+
+    Returns
+    -------
+    tuple
+        The per-modality data and the label categories (sorted union of the labelled classes
+        of every modality; the unlabelled category is never a class).
     """
-    if not isinstance(adatas, Mapping):
-        raise TypeError(f"expected a dict {{modality name: AnnData}}, got {type(adatas).__name__}")
-    if len(adatas) != 2:
-        raise DataError(
-            f"DiagVI integrates exactly two modalities, got {len(adatas)}: {list(adatas)}"
-        )
-    missing = [n for n in adatas if n not in setups]
-    if missing:
-        raise DataError(f"no setup for modality {missing}; call setup for every modality")
-    data = {name: read_modality(name, adata, setups[name]) for name, adata in adatas.items()}
-    labels = {
-        name: _label_series(name, adata, setups[name])
-        for name, adata in adatas.items()
-        if setups[name].labels_key is not None
-    }
-    categories = tuple(sorted({str(v) for s in labels.values() for v in s.dropna()}))
-    for name, series in labels.items():
-        if series.isna().all():
+    adatas = check_adatas(adatas)
+    _check_setups(adatas, setups)
+    data, labels = {}, {}
+    for name, adata in adatas.items():
+        data[name], kept = handle_empty(read_modality(name, adata, setups[name]))
+        if setups[name].labels_key is not None:
+            labels[name] = _label_values(name, adata, setups[name]).iloc[kept]
+    categories = tuple(sorted({v for values in labels.values() for v in values.dropna()}))
+    for name, values in labels.items():
+        setup = setups[name]
+        if values.isna().all():
             raise DataError(
-                f"modality {name!r}: every cell is unlabelled in {setups[name].labels_key!r} "
-                f"(unlabeled_category={setups[name].unlabeled_category!r}); "
-                "drop labels_key or add labels"
+                f"modality {name!r}: every cell is unlabelled in labels_key "
+                f"{setup.labels_key!r} (NaN or unlabeled_category={setup.unlabeled_category!r}); "
+                "expected some labelled cells: drop labels_key or add labels"
             )
-        lookup = {c: i for i, c in enumerate(categories)}
-        data[name].labels = np.array(
-            [UNLABELED if v is None else lookup[str(v)] for v in series], dtype=np.int64
-        )
+        codes = pd.Categorical(values, categories=list(categories)).codes  # None -> -1
+        data[name].labels = codes.astype(np.int64)
     return data, categories
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random train/validation split of ``n`` cells."""
+def split_indices(
+    n: int, val_fraction: float, seed: int, groups: Sequence[np.ndarray] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random train/validation split of ``n`` cells.
+
+    ``round(n * val_fraction)`` cells (at most ``n - 1``: training needs a cell) go to
+    validation. Every category of each code array in ``groups`` (batches, labels; negative
+    codes such as :data:`UNLABELED` are ignored) keeps at least one training cell: a category
+    whose cells all fell in validation moves one of them, at random, to training, since its
+    batch parameters or label class would otherwise never be trained.
+    """
+    if not 0.0 <= val_fraction <= 1.0:
+        raise DataError(f"val_fraction must lie in [0, 1], got {val_fraction}; e.g. 0.1")
     perm = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * val_fraction))
-    n_val = min(n_val, n - 1)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    is_val = np.zeros(n, dtype=bool)
+    is_val[perm[: max(0, min(int(round(n * val_fraction)), n - 1))]] = True
+    for codes in groups:
+        shuffled = np.asarray(codes)[perm]
+        categories, first = np.unique(shuffled, return_index=True)  # first cell of each, at random
+        missing = (categories >= 0) & ~np.isin(categories, np.asarray(codes)[~is_val])
+        is_val[perm[first[missing]]] = False
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 class PairedSampler:
@@ -353,7 +391,11 @@ class PairedDataModule(L.LightningDataModule):
             seed,
             num_workers,
         )
-        splits = {k: split_indices(d.n_obs, val_fraction, seed) for k, d in data.items()}
+        # every batch and label class keeps a training cell (see split_indices)
+        splits = {
+            k: split_indices(d.n_obs, val_fraction, seed, groups=(d.batch, d.labels))
+            for k, d in data.items()
+        }
         self.train_idx = {k: s[0] for k, s in splits.items()}
         self.val_idx = {k: s[1] for k, s in splits.items()}
 

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch_geometric.data import Data
 
+from diagvi.checks import check_modality_names
 from diagvi.errors import DataError
 
 __all__ = [
@@ -58,22 +59,24 @@ def _check_features(features: Features) -> tuple[tuple[str, str], list[pd.Index]
     if len(features) != 2:
         raise DataError(
             f"features must name exactly 2 modalities, "
-            f"got {len(features)}: {_preview(list(features))}"
+            f"got {len(features)}: {_preview(list(features))}; pass the two modalities' var_names"
         )
+    check_modality_names(list(features))
     names, indexes = [], []
     for mod, feats in features.items():
-        if not isinstance(mod, str):
-            raise TypeError(f"modality names must be str, got {mod!r}")
         if isinstance(feats, str) or not isinstance(feats, Sequence | np.ndarray | pd.Index):
             raise TypeError(
                 f"features[{mod!r}] must be a sequence of feature names, got {type(feats).__name__}"
             )
         idx = pd.Index([str(f) for f in feats], dtype=object)
         if len(idx) == 0:
-            raise DataError(f"modality {mod!r} has no features")
+            raise DataError(f"modality {mod!r} has no features; expected at least one name")
         if not idx.is_unique:
             dup = idx[idx.duplicated()].unique()
-            raise DataError(f"modality {mod!r} has duplicate feature names: {_preview(dup)}")
+            raise DataError(
+                f"modality {mod!r} has duplicate feature names: {_preview(dup)}; expected unique "
+                "names (adata.var_names_make_unique())"
+            )
         names.append(mod)
         indexes.append(idx)
     return (names[0], names[1]), indexes
@@ -87,11 +90,13 @@ def _weights_signs(n_edges: int, weight, sign, where: str) -> tuple[np.ndarray, 
         try:
             arr = np.asarray(values, dtype=np.float64)
         except (TypeError, ValueError) as err:
-            raise TypeError(f"{where}: {label} must be numeric ({err})") from None
+            raise TypeError(
+                f"{where}: {label} must be numeric ({err}); give numbers, one per edge"
+            ) from None
         if arr.ndim > 1 or (arr.ndim == 1 and len(arr) != n_edges):
             raise DataError(
                 f"{where}: {label} must be a scalar or have one value per edge "
-                f"({n_edges}), got shape {arr.shape}"
+                f"({n_edges}), got shape {arr.shape}; give one value for all edges or one per edge"
             )
         out.append(np.broadcast_to(arr, (n_edges,)).copy())
     w, s = out
@@ -99,13 +104,15 @@ def _weights_signs(n_edges: int, weight, sign, where: str) -> tuple[np.ndarray, 
     if len(bad_w):
         raise DataError(
             f"{where}: weights must lie in (0, 1]; {len(bad_w)} do not, at edges "
-            f"{_preview(bad_w)} (values {_preview(w[bad_w])})"
+            f"{_preview(bad_w)} (values {_preview(w[bad_w])}); rescale them (e.g. divide by the "
+            "largest) and drop zero-weight edges"
         )
     bad_s = np.flatnonzero((s != 1) & (s != -1))
     if len(bad_s):
         raise DataError(
             f"{where}: signs must be -1 or +1; {len(bad_s)} are not, at edges "
-            f"{_preview(bad_s)} (values {_preview(s[bad_s])})"
+            f"{_preview(bad_s)} (values {_preview(s[bad_s])}); use +1 for a positive and -1 "
+            "for a negative link"
         )
     return w, s
 
@@ -133,7 +140,7 @@ def _finalise(n1: int, n2: int, src, dst, w, s, mods, idx) -> Data:
         pairs = [f"{names[k // n]}-{names[k % n]}" for k in conflict[:5]]
         raise DataError(
             f"{len(conflict)} {mods[0]}-{mods[1]} feature pairs are given both sign +1 and -1: "
-            f"{_preview(pairs, total=len(conflict))}"
+            f"{_preview(pairs, total=len(conflict))}; keep one sign per pair"
         )
     key = key[starts]
     data = Data(
@@ -146,14 +153,20 @@ def _finalise(n1: int, n2: int, src, dst, w, s, mods, idx) -> Data:
     return data
 
 
-def _as_indices(values, label: str) -> np.ndarray:
+def _as_indices(values, label: str, mod: str) -> np.ndarray:
+    """``values`` as 1-D int64 indices; ``label`` and ``mod`` name them in errors."""
     arr = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if arr.size == 0:
         return arr.astype(np.int64).reshape(-1)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{label} must hold integer feature indices, got dtype {arr.dtype}")
+        raise TypeError(
+            f"{label} must hold integer feature indices of modality {mod!r}, got dtype "
+            f"{arr.dtype}; convert them with .astype(int)"
+        )
     if arr.ndim != 1:
-        raise DataError(f"{label} must be 1-D, got shape {arr.shape}")
+        raise DataError(
+            f"{label} must be 1-D (one {mod!r} feature index per edge), got shape {arr.shape}"
+        )
     return arr.astype(np.int64)
 
 
@@ -184,9 +197,12 @@ def graph_from_edges(features: Features, src, dst, weight=None, sign=None) -> Da
         Non-integer indices or non-numeric weights/signs.
     """
     mods, idx = _check_features(features)
-    src, dst = _as_indices(src, "src"), _as_indices(dst, "dst")
+    src, dst = _as_indices(src, "src", mods[0]), _as_indices(dst, "dst", mods[1])
     if len(src) != len(dst):
-        raise DataError(f"src and dst must have the same length, got {len(src)} and {len(dst)}")
+        raise DataError(
+            f"src and dst must have the same length, got {len(src)} and {len(dst)}; "
+            "give one entry per edge in each"
+        )
     if len(src) == 0:
         raise DataError(f"no edges given: need at least one {mods[0]}-{mods[1]} edge")
     for label, arr, mod, size in (
@@ -197,7 +213,8 @@ def graph_from_edges(features: Features, src, dst, weight=None, sign=None) -> Da
         if len(bad):
             raise DataError(
                 f"{label} indexes modality {mod!r} with {size} features, so must lie in "
-                f"[0, {size}); {len(bad)} do not: {_preview(arr[bad])}"
+                f"[0, {size}); {len(bad)} do not: {_preview(arr[bad])}; index the features "
+                f"of {mod!r} in their var_names order"
             )
     w, s = _weights_signs(len(src), weight, sign, "graph_from_edges")
     return _finalise(len(idx[0]), len(idx[1]), src, dst, w, s, mods, idx)
@@ -247,13 +264,14 @@ def graph_from_mapping(features: Features, mapping, on_missing: str = "raise") -
     Raises
     ------
     DataError
-        Missing columns, unknown names, bad weights/signs or no usable row.
+        Missing or repeated columns, unknown names, bad weights/signs, no usable row, or
+        an unknown ``on_missing``.
     TypeError
         If ``mapping`` is neither a DataFrame nor a path.
     """
     mods, idx = _check_features(features)
     if on_missing not in ("raise", "ignore"):
-        raise ValueError(f"on_missing must be 'raise' or 'ignore', got {on_missing!r}")
+        raise DataError(f"on_missing must be 'raise' or 'ignore', got {on_missing!r}")
     if isinstance(mapping, str | Path):
         where = f"mapping file {str(mapping)!r}"
         mapping = pd.read_csv(mapping, dtype={mods[0]: str, mods[1]: str})
@@ -261,6 +279,12 @@ def graph_from_mapping(features: Features, mapping, on_missing: str = "raise") -
         where = "mapping table"
     else:
         raise TypeError(f"mapping must be a DataFrame or a CSV path, got {type(mapping).__name__}")
+    repeated = mapping.columns[mapping.columns.duplicated()].unique()
+    if len(repeated):
+        raise DataError(
+            f"{where} has repeated column(s) {_preview(list(repeated))}; expected one column "
+            "per modality: rename or drop the copies"
+        )
     absent = [m for m in mods if m not in mapping.columns]
     if absent:
         raise DataError(
@@ -284,13 +308,17 @@ def graph_from_mapping(features: Features, mapping, on_missing: str = "raise") -
                 f"{where}: {len(unknown)} name(s) in column {mod!r} are not features of "
                 f"modality {mod!r}: {_preview(hints, total=len(unknown), show=str)}"
             )
+            fix = "; fix the names or pass on_missing='ignore' to drop those rows"
             if on_missing == "raise":
-                raise DataError(msg)
+                raise DataError(msg + fix)
             warnings.warn(msg + "; ignoring those rows", UserWarning, stacklevel=2)
         keep &= p >= 0
         pos.append(p)
     if not keep.any():
-        raise DataError(f"{where} has no row linking a {mods[0]!r} to a {mods[1]!r} feature")
+        raise DataError(
+            f"{where} has no row linking a {mods[0]!r} to a {mods[1]!r} feature; expected at "
+            f"least one row naming a feature of each modality in columns {list(mods)}"
+        )
     cols = []
     for col in ("weight", "sign"):
         if col not in table.columns:
@@ -300,7 +328,8 @@ def graph_from_mapping(features: Features, mapping, on_missing: str = "raise") -
         if np.isnan(v).any():
             rows = table.index[keep][np.isnan(v)]
             raise DataError(
-                f"{where}: column {col!r} is missing or not numeric in rows {_preview(rows)}"
+                f"{where}: column {col!r} is missing or not numeric in rows {_preview(rows)}; "
+                "expected a number in every row"
             )
         cols.append(v)
     w, s = _weights_signs(int(keep.sum()), cols[0], cols[1], where)
@@ -344,14 +373,10 @@ def validate_graph(graph: Data, features: Features) -> Data:
     n = n1 + n2
     absent = [k for k in ("edge_index", "edge_weight", "edge_sign") if graph.get(k) is None]
     if absent:
-        raise DataError(f"guidance graph lacks {', '.join(absent)}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        num_nodes = graph.num_nodes
-    if num_nodes != n:
         raise DataError(
-            f"guidance graph has {num_nodes} nodes but the features number {n} "
-            f"({n1} {mods[0]!r} + {n2} {mods[1]!r})"
+            f"guidance graph lacks {', '.join(absent)}; expected edge_index (2, E), edge_weight "
+            "(E,) in (0, 1] and edge_sign (E,) in {-1, +1}: set them, or build the graph with "
+            "diagvi.build_guidance_graph"
         )
     ei, w, s = (_as_numpy(graph, k) for k in ("edge_index", "edge_weight", "edge_sign"))
     if (
@@ -361,13 +386,24 @@ def validate_graph(graph: Data, features: Features) -> Data:
         or not np.issubdtype(ei.dtype, np.integer)
     ):
         raise DataError(
-            f"edge_index must be an integer array of shape (2, E), got {ei.dtype} {ei.shape}"
+            f"edge_index must be an integer array of shape (2, E), got {ei.dtype} {ei.shape}; "
+            "convert it with .long() (and transpose an (E, 2) array)"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyG warns when it infers num_nodes from edge_index
+        num_nodes = graph.num_nodes
+    if num_nodes != n:
+        raise DataError(
+            f"guidance graph has {num_nodes} nodes but the features number {n} "
+            f"({n1} {mods[0]!r} + {n2} {mods[1]!r}); expected one node per feature, "
+            f"those of {mods[0]!r} first"
         )
     e = ei.shape[1]
     for key, arr in (("edge_weight", w), ("edge_sign", s)):
         if arr.shape != (e,) or not np.issubdtype(arr.dtype, np.number):
             raise DataError(
-                f"{key} must be a numeric array of shape ({e},), got {arr.dtype} {arr.shape}"
+                f"{key} must be a numeric array of shape ({e},), got {arr.dtype} {arr.shape}; "
+                "give one value per edge"
             )
     w, s = _weights_signs(e, w, s, "guidance graph")
     row, col = ei.astype(np.int64)
@@ -375,7 +411,7 @@ def validate_graph(graph: Data, features: Features) -> Data:
     if len(bad):
         raise DataError(
             f"edge_index must lie in [0, {n}); {len(bad)} edges do not, "
-            f"at positions {_preview(bad)}"
+            f"at positions {_preview(bad)}; number the nodes of {mods[0]!r}, then {mods[1]!r}"
         )
     names = np.concatenate([idx[0].to_numpy(), idx[1].to_numpy()])
     has_loop = np.zeros(n, dtype=bool)
@@ -384,7 +420,7 @@ def validate_graph(graph: Data, features: Features) -> Data:
         miss = np.flatnonzero(~has_loop)
         raise DataError(
             f"guidance graph needs a sign +1 self-loop on every node; {len(miss)} lack one: "
-            f"{_preview(names[miss])}"
+            f"{_preview(names[miss])}; add them (weight 1, sign +1)"
         )
     key = row * n + col
     order = np.argsort(key, kind="stable")
@@ -395,7 +431,7 @@ def validate_graph(graph: Data, features: Features) -> Data:
         pairs = [f"{names[k // n]}->{names[k % n]}" for k in dup[:5]]
         raise DataError(
             f"guidance graph has {len(dup)} duplicated edges (each must appear once): "
-            f"{_preview(pairs, total=len(dup))}"
+            f"{_preview(pairs, total=len(dup))}; keep one copy of each"
         )
     pos = np.minimum(np.searchsorted(skey, col * n + row), e - 1)
     rev = order[pos]
@@ -405,10 +441,14 @@ def validate_graph(graph: Data, features: Features) -> Data:
         pairs = [f"{names[row[i]]}->{names[col[i]]}" for i in bad[:5]]
         raise DataError(
             "guidance graph must be symmetric (each edge's reverse present with the same "
-            f"weight and sign); {len(bad)} edges are not: {_preview(pairs, total=len(bad))}"
+            f"weight and sign); {len(bad)} edges are not: {_preview(pairs, total=len(bad))}; "
+            "add the reverse edges"
         )
     if not ((row < n1) & (col >= n1)).any():
-        raise DataError(f"guidance graph has no edge between {mods[0]!r} and {mods[1]!r} features")
+        raise DataError(
+            f"guidance graph has no edge between {mods[0]!r} and {mods[1]!r} features; expected "
+            "at least one, which is what links the modalities"
+        )
     out = graph.clone()
     out.edge_index = torch.as_tensor(np.stack([row, col]), dtype=torch.int64)
     out.edge_weight = torch.as_tensor(w, dtype=torch.float32)

@@ -15,13 +15,15 @@ WEIGHT_OF_TERM = {
     "nll": "lam_data",
     "kl": "lam_kl",
     "graph": "lam_graph",
+    "link": "lam_link",
     "align": "lam_sinkhorn",
     "cls": "lam_class",
 }
 DEFAULT_WEIGHTS = {
     "lam_data": 0.1,
-    "lam_kl": 1.0,
+    "lam_kl": 0.1,
     "lam_graph": 15.0,
+    "lam_link": 75.0,
     "lam_sinkhorn": 85.0,
     "lam_class": 5.0,
 }
@@ -40,7 +42,8 @@ class DiagVILightning(L.LightningModule):
     module
         The model.
     weights
-        Loss weights ``lam_data``, ``lam_kl``, ``lam_graph``, ``lam_sinkhorn``, ``lam_class``.
+        Loss weights ``lam_data``, ``lam_kl``, ``lam_graph``, ``lam_link``, ``lam_sinkhorn``,
+        ``lam_class``.
     lr, weight_decay
         Adam settings.
     """

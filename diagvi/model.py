@@ -30,6 +30,7 @@ from diagvi.data import (
     ModalityData,
     ModalitySetup,
     PairedDataModule,
+    check_adatas,
     read_modalities,
     read_modality,
 )
@@ -104,7 +105,7 @@ class DIAGVI:
         n_layers: int = 2,
         dropout: float = 0.1,
     ) -> None:
-        adatas = self._as_dict(adatas)
+        adatas = check_adatas(adatas)
         setups = {}
         for name, adata in adatas.items():
             if SETUP_KEY not in adata.uns:
@@ -127,22 +128,6 @@ class DIAGVI:
         self._build(adatas, setups, init_args, guidance_graph, mapping_df)
 
     # ------------------------------------------------------------------ construction
-
-    @staticmethod
-    def _as_dict(adatas) -> dict[str, ad.AnnData]:
-        if not isinstance(adatas, Mapping):
-            try:
-                import mudata
-            except ImportError:
-                mudata = None
-            if mudata is not None and isinstance(adatas, mudata.MuData):
-                adatas = dict(adatas.mod)
-            else:
-                raise TypeError(
-                    "adatas must be a dict {modality name: AnnData} or a MuData, "
-                    f"got {type(adatas).__name__}"
-                )
-        return dict(adatas)
 
     def _build(self, adatas, setups, init_args, graph=None, mapping=None, categories=None):
         for key, registry in (
@@ -188,6 +173,7 @@ class DIAGVI:
         labels_key: str | None = None,
         unlabeled_category: str = "unknown",
         likelihood: str = "nb",
+        empty: str = "warn",
     ) -> None:
         """Record how to read ``adata`` in ``adata.uns["diagvi_setup"]`` (a plain dict).
 
@@ -203,6 +189,9 @@ class DIAGVI:
             Label of unlabelled cells.
         likelihood
             Registered likelihood name (``nb``, ``zinb``, ``nbmixture``, ``normal``, ...).
+        empty
+            All-zero cells or features: ``"warn"`` (keep them), ``"drop"`` (drop all-zero
+            cells; outputs then have fewer rows than ``adata``) or ``"error"``.
         """
         if not isinstance(adata, ad.AnnData):
             raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
@@ -212,7 +201,9 @@ class DIAGVI:
         for what, key in (("batch_key", batch_key), ("labels_key", labels_key)):
             if key is not None and key not in adata.obs:
                 raise DataError(f"{what} {key!r} is not an obs column: {list(adata.obs.columns)}")
-        setup = ModalitySetup(layer, batch_key, labels_key, str(unlabeled_category), likelihood)
+        setup = ModalitySetup(
+            layer, batch_key, labels_key, str(unlabeled_category), likelihood, empty
+        )
         # None values are left out: h5ad cannot store them
         adata.uns[SETUP_KEY] = {k: v for k, v in dataclasses.asdict(setup).items() if v is not None}
 
@@ -230,8 +221,9 @@ class DIAGVI:
         early_stopping: bool = True,
         early_stopping_patience: int = 20,
         lam_data: float = 0.1,
-        lam_kl: float = 1.0,
+        lam_kl: float = 0.1,
         lam_graph: float = 15.0,
+        lam_link: float = 75.0,
         lam_sinkhorn: float = 85.0,
         lam_class: float = 5.0,
         seed: int = 0,
@@ -257,6 +249,7 @@ class DIAGVI:
             lam_data=lam_data,
             lam_kl=lam_kl,
             lam_graph=lam_graph,
+            lam_link=lam_link,
             lam_sinkhorn=lam_sinkhorn,
             lam_class=lam_class,
         )
@@ -450,12 +443,20 @@ class DIAGVI:
         }
 
     def posterior_predictive_sample(
-        self, n_samples: int = 1, batch_size: int = 1024
+        self,
+        n_samples: int = 1,
+        batch_size: int = 1024,
+        adatas: Mapping[str, ad.AnnData] | None = None,
     ) -> dict[str, np.ndarray]:
-        """``{modality: (n_samples, cells, features)}`` of ``x ~ p(x|z)``, ``z ~ q(z|x)``."""
+        """``{modality: (n_samples, cells, features)}`` of ``x ~ p(x|z)``, ``z ~ q(z|x)``.
+
+        ``adatas`` (default: the training data) may hold one or both modalities, with the
+        training features in the training order; new cells are decoded in the first batch.
+        """
+        sources = self.data if adatas is None else {m: self._read(m, a) for m, a in adatas.items()}
         return {
             m: inference.posterior_predictive(self.module, d, n_samples, batch_size)
-            for m, d in self.data.items()
+            for m, d in sources.items()
         }
 
     # ------------------------------------------------------------------ save / load
@@ -499,7 +500,7 @@ class DIAGVI:
         attrs = saved["attrs"]
         if adatas is None:
             adatas = {m: ad.read_h5ad(path / f"{m}.h5ad") for m in attrs["var_names"]}
-        adatas = cls._as_dict(adatas)
+        adatas = check_adatas(adatas)
         if sorted(adatas) != sorted(attrs["var_names"]):
             raise DataError(
                 f"the model was saved with modalities {list(attrs['var_names'])}, "

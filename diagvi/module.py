@@ -22,12 +22,14 @@ class DiagVAE(nn.Module):
     ``m``'s features (g2v); ``p(x|eta)`` by the modality's likelihood.
 
     Loss terms (per minibatch, unweighted): ``nll/<m>`` negative log-likelihood summed over
-    features, averaged over cells; ``kl/<m>`` KL of ``z`` summed over latent dimensions,
-    averaged over cells and divided by the number of features of ``m`` (as scvi-tools'
-    DIAGVI, so ``lam_kl`` is comparable across modalities of very different width);
-    ``graph/nll`` and ``graph/kl`` the per-edge graph ELBO; ``align`` the alignment divergence
-    between the two modalities' posterior means; ``cls/<m>`` cross-entropy on labelled cells
-    (when labels exist).
+    features, averaged over cells; ``kl/<m>`` KL of ``z`` summed over latent dimensions and
+    averaged over cells (the ELBO's own KL: with ``lam_kl = lam_data`` the two terms are the
+    negative ELBO; scvi-tools' DIAGVI divides it by the number of features, which leaves the
+    latent scale free, see ``experiments/alignment_defaults``); ``graph/nll`` and
+    ``graph/kl`` the per-edge graph ELBO; ``link/<m>`` the guidance graph's statement about
+    cells (:meth:`link_consistency`); ``align`` the alignment divergence between the two
+    modalities' posterior means; ``cls/<m>`` cross-entropy on labelled cells (when labels
+    exist).
 
     Parameters
     ----------
@@ -83,6 +85,10 @@ class DiagVAE(nn.Module):
         self.classifier = (
             classifier(n_latent, spec.n_labels) if classifier and spec.n_labels else None
         )
+        for key, value in zip(
+            ("link_a", "link_b", "link_scale"), linked_pairs(spec.graph), strict=True
+        ):
+            self.register_buffer(key, value, persistent=False)
 
     def feature_embedding(self, name: str, v: torch.Tensor) -> torch.Tensor:
         start, stop = self.node_ranges[name]
@@ -90,8 +96,27 @@ class DiagVAE(nn.Module):
 
     def encode(self, name: str, x: torch.Tensor) -> Normal:
         """``q(z|x)`` of modality ``name``."""
-        library = x.sum(-1, keepdim=True)
-        return self.x2z[name](self.likelihood[name].transform(x, library))
+        return self.x2z[name](self.transform(name, x))
+
+    def transform(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: the likelihood's transform of ``x`` (e.g. log1p of CP10k)."""
+        return self.likelihood[name].transform(x, x.sum(-1, keepdim=True))
+
+    def linked_features(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each cross-modal edge's feature, z-scored within the minibatch, one column per edge.
+
+        Column ``e`` of the first modality is its end of edge ``e``, of the second modality the
+        other end times the edge's sign; both are scaled by ``sqrt(weight)``, so squared
+        distances between the two modalities' rows weigh edges by their weight. This is the
+        model-free view of the cells that the guidance graph gives (a joint PCA of it is the
+        naive baseline); the alignment may use it to decide which cells to match.
+        """
+        out = {}
+        for side, name in enumerate(self.node_ranges):
+            h = inputs[name][:, self.link_b if side else self.link_a]
+            h = (h - h.mean(0)) / h.std(0).clamp_min(1e-6) if len(h) > 1 else h * 0.0
+            out[name] = h * self.link_scale[side]
+        return out
 
     def decode(
         self,
@@ -105,22 +130,77 @@ class DiagVAE(nn.Module):
         eta = self.z2x[name](z, self.feature_embedding(name, v), batch)
         return self.likelihood[name](eta, batch, library)
 
+    def link_consistency(
+        self,
+        z: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, torch.Tensor],
+        v: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """``link/<m>``: linked features must co-vary across the cells of each modality.
+
+        For a cross-modal edge ``(i, j)`` with weight ``w`` and sign ``s``, the other
+        modality's decoder evaluated at modality ``m``'s cells, ``z v_j``, should correlate
+        (with sign ``s``) across those cells with ``m``'s own measured feature ``i`` (its
+        encoder input). The term is ``sum_e w_e (1 - corr_e) / sum_e w_e``; correlation is
+        invariant to each feature's scale and offset, so it needs no assumption about how
+        mRNA and protein levels compare. It is the same evidence that a joint PCA of the
+        linked features uses, and it fixes the orientation of the two latent spaces (a
+        reflection or a permutation of clusters fits the graph's loss on ``v`` equally well).
+        """
+        names = list(self.node_ranges)
+        index = {names[0]: self.link_a, names[1]: self.link_b}
+        weight = self.link_scale[0].square()
+        sign = self.link_scale[1] / self.link_scale[0]
+        terms = {}
+        for side, name in enumerate(names):
+            other = names[1 - side]
+            predicted = z[name] @ self.feature_embedding(other, v)[index[other]].T
+            measured = inputs[name][:, index[name]] * sign
+            if len(measured) > 1:
+                terms[f"link/{name}"] = _weighted_correlation_loss(predicted, measured, weight)
+        return terms
+
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms of one paired minibatch."""
         qv = self.g2v()
         v = qv.rsample()
         terms: dict[str, torch.Tensor] = {}
         zs: dict[str, torch.Tensor] = {}
+        inputs: dict[str, torch.Tensor] = {}
         for name in self.names:
             x, b, y = batch[name]["x"], batch[name]["batch"], batch[name]["label"]
-            qz = self.encode(name, x)
+            inputs[name] = self.transform(name, x)
+            qz = self.x2z[name](inputs[name])
             z = qz.rsample()
             px = self.decode(name, z, v, b, x.sum(-1, keepdim=True))
             terms[f"nll/{name}"] = -px.log_prob(x).sum(-1).mean()
-            terms[f"kl/{name}"] = self.prior.kl(qz, z, y).mean() / x.shape[-1]
+            terms[f"kl/{name}"] = self.prior.kl(qz, z, y).mean()
             if self.classifier is not None:
                 terms[f"cls/{name}"] = self.classifier.loss(z, y)
             zs[name] = qz.loc  # align the posterior means: the embedding users get
         terms.update({f"graph/{k}": t for k, t in self.g2v.loss(qv, v).items()})
-        terms["align"] = self.alignment(zs)
+        terms.update(self.link_consistency(zs, inputs, qv.loc))
+        terms["align"] = self.alignment(zs, self.linked_features(inputs))
         return terms
+
+
+def _weighted_correlation_loss(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_e w_e (1 - corr(a_e, b_e)) / sum_e w_e``, correlations over rows, per column."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    corr = (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-8)
+    return (w * (1.0 - corr)).sum() / w.sum()
+
+
+def linked_pairs(graph) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-modal edges of ``graph`` as feature indices within each modality.
+
+    Returns ``(index_a, index_b, scale)``: edge ``e`` links feature ``index_a[e]`` of the first
+    modality to feature ``index_b[e]`` of the second; ``scale[0]`` is ``sqrt(weight)`` and
+    ``scale[1]`` is ``sign * sqrt(weight)`` per edge (each undirected edge once).
+    """
+    (a0, a1), (b0, b1) = list(graph.node_ranges.values())
+    row, col = graph.edge_index
+    keep = (row >= a0) & (row < a1) & (col >= b0) & (col < b1)
+    weight = graph.edge_weight[keep].float().sqrt()
+    sign = graph.edge_sign[keep].float()
+    return row[keep] - a0, col[keep] - b0, torch.stack([weight, sign * weight])

@@ -1,16 +1,19 @@
-"""What a finished run writes: per-modality latent h5ad, embedding PNG, metrics."""
+"""What a finished run writes (per-modality latent h5ad, embedding PNG, metrics) and the
+objectives a sweep optimises, measured on the held-out (validation) cells."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 
-from diagvi.data import UNLABELED, ModalityData
+from diagvi.data import UNLABELED, ModalityData, PairedDataModule
+from diagvi.errors import DataError
 from diagvi.inference import latent_representation
-from diagvi.metrics import foscttm
+from diagvi.metrics import foscttm, label_transfer
 from diagvi.module import DiagVAE
 from diagvi.plotting import plot_joint_embedding
 
@@ -26,6 +29,73 @@ def paired_foscttm(
     xa = latents[a][data[a].obs_names.get_indexer(shared)]
     xb = latents[b][data[b].obs_names.get_indexer(shared)]
     return foscttm(xa, xb)
+
+
+# what each objective's optimum is; val/loss is logged by the training loop itself
+OBJECTIVE_DIRECTIONS = {
+    "val/foscttm": "minimize",
+    "val/label_transfer": "maximize",
+    "val/loss": "minimize",
+}
+
+
+def _cells(d: ModalityData, idx: np.ndarray) -> ModalityData:
+    return dataclasses.replace(
+        d, X=d.X[idx], batch=d.batch[idx], labels=d.labels[idx], obs_names=d.obs_names[idx]
+    )
+
+
+def heldout_foscttm(
+    module: DiagVAE, data: Mapping[str, ModalityData], val_idx: Mapping[str, np.ndarray]
+) -> float:
+    """FOSCTTM over the held-out cells present in both modalities (same ``obs_names``)."""
+    held = {m: _cells(d, val_idx[m]) for m, d in data.items()}
+    latents = {m: latent_representation(module, d) for m, d in held.items()}
+    result = paired_foscttm(latents, held)
+    if not result:
+        raise DataError(
+            "val/foscttm needs at least 2 held-out cells measured in both modalities (same "
+            "obs_names); are the data paired (data.paired) and data.val_fraction > 0?"
+        )
+    return result["foscttm"]
+
+
+def heldout_label_transfer(
+    module: DiagVAE,
+    data: Mapping[str, ModalityData],
+    train_idx: Mapping[str, np.ndarray],
+    val_idx: Mapping[str, np.ndarray],
+    k: int = 15,
+) -> float:
+    """kNN label-transfer accuracy onto held-out cells, averaged over both directions.
+
+    For a source and a target modality that both have labels, the labelled training cells of
+    the source vote (``k`` nearest neighbours in the joint latent space,
+    :func:`diagvi.metrics.label_transfer`) on the labelled held-out cells of the target.
+    """
+    scores = []
+    for source, target in ((a, b) for a in data for b in data if a != b):
+        ref = _cells(data[source], train_idx[source])
+        query = _cells(data[target], val_idx[target])
+        ref, query = (_cells(d, np.flatnonzero(d.labels != UNLABELED)) for d in (ref, query))
+        if ref.n_obs and query.n_obs:
+            z_ref, z_query = (latent_representation(module, d) for d in (ref, query))
+            scores.append(label_transfer(z_ref, ref.labels, z_query, query.labels, k=k)["accuracy"])
+    if not scores:
+        raise DataError(
+            "val/label_transfer needs labels (labels_key) in both modalities and labelled "
+            "held-out cells (data.val_fraction > 0)"
+        )
+    return float(np.mean(scores))
+
+
+def heldout_metric(name: str, module: DiagVAE, dm: PairedDataModule) -> float:
+    """Objective ``name`` (``val/foscttm`` or ``val/label_transfer``) on ``dm``'s held-out cells."""
+    if name == "val/foscttm":
+        return heldout_foscttm(module, dm.data, dm.val_idx)
+    if name == "val/label_transfer":
+        return heldout_label_transfer(module, dm.data, dm.train_idx, dm.val_idx)
+    raise ValueError(f"no held-out metric {name!r}; expected val/foscttm or val/label_transfer")
 
 
 def write_run_outputs(

@@ -1,18 +1,22 @@
 """Hydra entry point: ``python -m diagvi.train`` (console script ``diagvi-train``).
 
 Composes ``configs/train.yaml``, builds data, guidance graph and model from the config groups,
-trains with Lightning and writes the run's outputs into Hydra's run directory.
+trains with Lightning and writes the run's outputs into Hydra's run directory. Returns the
+configured objective (``objective``), which is what an Optuna sweep
+(``--multirun hparams_search=diagvi_optuna``) optimises.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +29,33 @@ from diagvi.lit import DEFAULT_WEIGHTS, DiagVILightning
 from diagvi.module import DiagVAE
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def objective_name(cfg: DictConfig) -> str:
+    """The metric named by ``cfg.objective``; ``auto``: ``val/foscttm`` for paired data, else
+    ``val/label_transfer`` when both modalities have labels, else ``val/loss``."""
+    name = cfg.get("objective") or "auto"
+    if name == "auto":
+        if cfg.data.get("paired"):
+            return "val/foscttm"
+        labelled = [m for m, s in cfg.data.modalities.items() if s.get("labels_key")]
+        return "val/label_transfer" if len(labelled) == len(cfg.data.modalities) else "val/loss"
+    if name not in outputs.OBJECTIVE_DIRECTIONS:
+        raise ValueError(
+            f"objective must be auto or one of {list(outputs.OBJECTIVE_DIRECTIONS)}, got {name!r}"
+        )
+    return name
+
+
+# For the sweeper config: `direction: ${diagvi.objective_direction:}` follows `objective`.
+OmegaConf.register_new_resolver(
+    "diagvi.objective", lambda *, _root_: objective_name(_root_), replace=True
+)
+OmegaConf.register_new_resolver(
+    "diagvi.objective_direction",
+    lambda *, _root_: outputs.OBJECTIVE_DIRECTIONS[objective_name(_root_)],
+    replace=True,
+)
 
 
 def likelihood_names(cfg: DictConfig) -> dict[str, str]:
@@ -95,51 +126,149 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(c) for c in (group or {}).values() if c is not None]
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train one model as configured and write its outputs; returns the run's metrics."""
-    L.seed_everything(cfg.seed, workers=True)
-    run_dir = Path(
-        cfg.get("run_dir") or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+def open_trial(cfg: DictConfig):
+    """The Optuna trial this run is, from ``cfg.optuna_trial`` (set by the sweeper), or None.
+
+    Its pruner is built from the sweeper's config (``hydra.sweeper.pruner``): Optuna stores
+    trials, not pruners.
+    """
+    spec = cfg.get("optuna_trial")
+    if not spec:
+        return None
+    import optuna
+
+    sweeper = HydraConfig.get().sweeper if HydraConfig.initialized() else {}
+    pruner_cfg = sweeper.get("pruner")
+    study = optuna.load_study(
+        study_name=spec.study_name,
+        storage=spec.storage,
+        # a trial never samples here; RandomSampler keeps Trial() from fitting TPE models
+        sampler=optuna.samplers.RandomSampler(),
+        pruner=instantiate(pruner_cfg) if pruner_cfg else optuna.pruners.NopPruner(),
     )
+    return optuna.trial.Trial(study, spec.trial_id)
+
+
+class TrialCallback(L.Callback):
+    """Reports the objective on the held-out cells to an Optuna trial after each validation.
+
+    ``val/foscttm`` and ``val/label_transfer`` are computed and logged here (``val/loss`` is
+    logged by the training loop). When the trial's pruner prunes it, training stops and
+    ``pruned_at`` holds the epoch; :func:`run` then raises ``optuna.TrialPruned``.
+    """
+
+    def __init__(self, objective: str, dm: PairedDataModule, trial) -> None:
+        self.objective, self.dm, self.trial = objective, dm, trial
+        self.pruned_at: int | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: DiagVILightning) -> None:
+        if self.objective != "val/loss" and not trainer.sanity_checking:
+            value = outputs.heldout_metric(self.objective, pl_module.module, self.dm)
+            pl_module.log(self.objective, value)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: DiagVILightning) -> None:
+        # epoch-level values reach callback_metrics only after on_validation_epoch_end
+        value = trainer.callback_metrics.get(self.objective)
+        if trainer.sanity_checking or value is None:
+            return
+        self.trial.report(float(value), step=trainer.current_epoch)
+        if self.trial.should_prune():
+            self.pruned_at = trainer.current_epoch
+            trainer.should_stop = True
+
+
+def _log_final(loggers: list, metrics: dict[str, Any], step: int) -> None:
+    """Final metrics to every logger (W&B: also the summary) and the embedding PNG to W&B."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for lg in loggers:
+        lg.log_metrics(numbers, step=step)
+        if isinstance(lg, WandbLogger) and "embedding_png" in metrics:
+            lg.log_image("embedding", [metrics["embedding_png"]], step=step)
+        lg.save()
+
+
+def _finish_wandb(loggers: list, status: str) -> None:
+    """Finish a started W&B run, marked failed (exit code 1) unless it finished or was pruned.
+
+    Also on errors, so that the next run in this process (the next sweep trial) is clean.
+    """
+    started = [lg for lg in loggers if isinstance(lg, WandbLogger) and lg._experiment is not None]
+    if started:
+        import wandb
+
+        started[0].experiment.summary["status"] = status
+        wandb.finish(exit_code=0 if status in ("finished", "pruned") else 1)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one model as configured and write its outputs; returns the run's metrics.
+
+    Raises ``FloatingPointError`` when the objective is not finite (a diverged run) and, in a
+    sweep, ``optuna.TrialPruned`` after writing the outputs of a pruned trial.
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    dm, spec, adatas = build_datamodule(cfg)
-    lit = build_model(cfg.model, spec)
+    objective = objective_name(cfg)
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=_instantiate_all(cfg.get("callbacks"))
-    )
-    start = time.perf_counter()
+    status = "failed"
     try:
+        # the config first: a run that fails while building data or model still shows it
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        dm, spec, adatas = build_datamodule(cfg)
+        lit = build_model(cfg.model, spec)
+        callbacks = _instantiate_all(cfg.get("callbacks"))
+        trial = open_trial(cfg)
+        if trial is not None:
+            callbacks.append(TrialCallback(objective, dm, trial))
+        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        start = time.perf_counter()
         trainer.fit(lit, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
         seconds = time.perf_counter() - start
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics.update(epochs=trainer.current_epoch, train_seconds=seconds)
+        held_out = all(len(v) for v in dm.val_idx.values())
+        if objective != "val/loss" and (held_out or trial is not None):
+            metrics[objective] = outputs.heldout_metric(objective, lit.module, dm)
         if cfg.get("write_outputs", True):
             metrics.update(
                 outputs.write_run_outputs(
                     lit.module, dm.data, adatas, run_dir, paired=cfg.data.paired
                 )
             )
+        pruned_at = callbacks[-1].pruned_at if trial is not None else None
+        if pruned_at is not None:
+            metrics["pruned_at_epoch"] = pruned_at
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    finally:
-        # close a started W&B run (even a failed one) so the next run in this process is clean
-        if any(isinstance(lg, WandbLogger) and lg._experiment is not None for lg in loggers):
-            import wandb
+        _log_final(loggers, metrics, trainer.global_step)
+        value = metrics.get(objective)
+        if value is None and trial is not None:
+            raise DataError(f"no {objective} to optimise: set data.val_fraction > 0")
+        if value is not None and not math.isfinite(value):
+            raise FloatingPointError(f"objective {objective} is {value}: training diverged")
+        if pruned_at is not None:
+            import optuna
 
-            wandb.finish()
+            status = "pruned"
+            raise optuna.TrialPruned(f"pruned after epoch {pruned_at}")
+        status = "finished"
+    finally:
+        _finish_wandb(loggers, status)
     summary = f"diagvi: trained {metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s"
     if "foscttm" in metrics:
         summary += f"; FOSCTTM {metrics['foscttm']:.3f} (0 = perfect pairing, 0.5 = random)"
+    if objective in metrics:
+        summary += f"; objective {objective} {metrics[objective]:.4g} (held-out cells)"
     print(f"{summary}\ndiagvi: outputs in {run_dir}")
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Console entry point."""
-    metrics = run(cfg)
-    return metrics.get("val/loss")
+    """Console entry point; returns the objective (see ``objective`` in configs/train.yaml)."""
+    return run(cfg).get(objective_name(cfg))
 
 
 if __name__ == "__main__":

@@ -401,6 +401,14 @@ def test_every_config_option_instantiates(group, option, compose_cfg, small_data
         check_callbacks(option, cfg, tmp_path)
     elif group == "data":
         check_data(option, cfg, tmp_path, compose_cfg)
+    elif group == "hparams_search":
+        # a search composes: a known objective with its direction, a non-empty search space
+        from diagvi.outputs import OBJECTIVE_DIRECTIONS
+        from hydra_plugins.diagvi_optuna_sweeper.sweeper import search_space
+
+        sweeper = cfg.hydra.sweeper
+        assert OBJECTIVE_DIRECTIONS[sweeper.metric_name] == sweeper.direction
+        assert search_space(OmegaConf.to_container(sweeper.params), [])[1]
     elif group == "experiment":
         # an experiment composes and still yields a buildable trainer
         instantiate(cfg.trainer, logger=False)

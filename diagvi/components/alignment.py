@@ -68,6 +68,13 @@ class UnbalancedSinkhorn(nn.Module):
         it. Smaller values tolerate larger composition differences; ``None`` is balanced OT.
     scaling
         GeomLoss epsilon-scaling ratio (closer to 1: more accurate, slower).
+    feature_weight
+        Share of the transport cost given to the guidance graph's linked features (see
+        :meth:`diagvi.module.DiagVAE.linked_features`): ``C = (1 - w) C_z / mean(C_z) +
+        w C_f / mean(C_f)``. The linked features are data, not parameters: they only steer
+        which cells are matched, and the gradient still moves the latent clouds. They break
+        the symmetries (reflections, permuted clusters) that the latent cost alone cannot tell
+        apart. ``0`` transports on the latent alone (scvi-tools' DIAGVI).
     scale_cost
         ``"mean"``: divide the cost by its minibatch mean before transport,
         as OTT-JAX's ``scale_cost="mean"``. The divergence is then invariant to the scale of
@@ -87,7 +94,8 @@ class UnbalancedSinkhorn(nn.Module):
         anneal_steps: int = 1000,
         reach_scale: float | None = 10.0,
         scaling: float = 0.75,
-        scale_cost: str | None = "mean",
+        scale_cost: str | None = None,
+        feature_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if blur_mode not in ("adaptive", "fixed", "annealed"):
@@ -100,7 +108,23 @@ class UnbalancedSinkhorn(nn.Module):
         if scale_cost not in (None, "mean"):
             raise ValueError(f"scale_cost must be 'mean' or None, got {scale_cost!r}")
         self.reach_scale, self.scale_cost = reach_scale, scale_cost
+        if not 0.0 <= feature_weight < 1.0:
+            raise ValueError(f"feature_weight must be in [0, 1), got {feature_weight}")
+        self.feature_weight = feature_weight
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def _with_features(self, x, y, fx, fy) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenate latent and linked features, each scaled to its share of the mean cost."""
+        root = 1.0 / self.p
+        mean_cost = cost_matrix(x, y, self.p).mean().clamp_min(1e-12)
+        if self.scale_cost is None:  # raw latent cost: only the split between the two is set
+            mean_cost = mean_cost.detach()
+        latent = (1.0 - self.feature_weight) / mean_cost
+        feature = self.feature_weight / cost_matrix(fx, fy, self.p).mean().clamp_min(1e-12)
+        return (
+            torch.cat([x * latent**root, fx * feature.detach() ** root], 1),
+            torch.cat([y * latent**root, fy * feature.detach() ** root], 1),
+        )
 
     def current_blur(
         self, x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor | None = None
@@ -112,10 +136,14 @@ class UnbalancedSinkhorn(nn.Module):
         progress = min(int(self.step) / max(self.anneal_steps, 1), 1.0)
         return self.blur_start * (self.blur / self.blur_start) ** progress
 
-    def forward(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, z: dict[str, torch.Tensor], features: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         x, y = z.values()
         cost = None
-        if self.scale_cost == "mean":
+        if self.feature_weight > 0 and features:
+            x, y = self._with_features(x, y, *(features[k] for k in z))
+        elif self.scale_cost == "mean":
             # differentiated on purpose: a detached scale would leave a gradient that shrinks
             # both clouds every step, and the latent space collapses towards a point
             cost = cost_matrix(x, y, self.p)
@@ -150,5 +178,7 @@ class BalancedSinkhorn(UnbalancedSinkhorn):
 class NoAlignment(nn.Module):
     """No alignment term: the modalities meet only through the guidance graph."""
 
-    def forward(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, z: dict[str, torch.Tensor], features: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         return sum(v.sum() for v in z.values()) * 0.0
