@@ -69,12 +69,13 @@ class UnbalancedSinkhorn(nn.Module):
     scaling
         GeomLoss epsilon-scaling ratio (closer to 1: more accurate, slower).
     feature_weight
-        Share of the transport cost given to the guidance graph's linked features (see
-        :meth:`diagvi.module.DiagVAE.linked_features`): ``C = (1 - w) C_z / mean(C_z) +
-        w C_f / mean(C_f)``. The linked features are data, not parameters: they only steer
-        which cells are matched, and the gradient still moves the latent clouds. They break
-        the symmetries (reflections, permuted clusters) that the latent cost alone cannot tell
-        apart. ``0`` transports on the latent alone (scvi-tools' DIAGVI).
+        Share ``w`` of the transport cost given to the guidance graph's linked features (see
+        :meth:`diagvi.module.DiagVAE.linked_features`): ``C = C_z + w / (1 - w) * mean(C_z)
+        * C_f / mean(C_f)``, the factor held constant in the gradient. The linked features
+        are data, not parameters: they only steer which cells are matched, and the gradient
+        still moves the latent clouds. They break the symmetries (reflections, permuted
+        clusters) that the latent cost alone cannot tell apart. ``0`` transports on the
+        latent alone (scvi-tools' DIAGVI).
     scale_cost
         ``"mean"``: divide the cost by its minibatch mean before transport,
         as OTT-JAX's ``scale_cost="mean"``. The divergence is then invariant to the scale of
@@ -95,7 +96,7 @@ class UnbalancedSinkhorn(nn.Module):
         reach_scale: float | None = 10.0,
         scaling: float = 0.75,
         scale_cost: str | None = None,
-        feature_weight: float = 0.0,
+        feature_weight: float = 0.5,
     ) -> None:
         super().__init__()
         if blur_mode not in ("adaptive", "fixed", "annealed"):
@@ -114,17 +115,21 @@ class UnbalancedSinkhorn(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def _with_features(self, x, y, fx, fy) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenate latent and linked features, each scaled to its share of the mean cost."""
+        """Concatenate latent and linked features; the features get their share of the cost.
+
+        The latent part keeps its own cost (raw, or divided by its differentiated mean with
+        ``scale_cost="mean"``); the feature part is rescaled, without gradient, so that its
+        mean is ``feature_weight / (1 - feature_weight)`` times the latent part's. A latent
+        that shrinks therefore shrinks the feature part with it, and gains nothing.
+        """
         root = 1.0 / self.p
-        mean_cost = cost_matrix(x, y, self.p).mean().clamp_min(1e-12)
-        if self.scale_cost is None:  # raw latent cost: only the split between the two is set
-            mean_cost = mean_cost.detach()
-        latent = (1.0 - self.feature_weight) / mean_cost
-        feature = self.feature_weight / cost_matrix(fx, fy, self.p).mean().clamp_min(1e-12)
-        return (
-            torch.cat([x * latent**root, fx * feature.detach() ** root], 1),
-            torch.cat([y * latent**root, fy * feature.detach() ** root], 1),
-        )
+        latent_cost = cost_matrix(x, y, self.p).mean().clamp_min(1e-12)
+        if self.scale_cost == "mean":
+            x, y = x / latent_cost**root, y / latent_cost**root
+            latent_cost = torch.ones_like(latent_cost)
+        share = self.feature_weight / (1.0 - self.feature_weight)
+        feature = share * latent_cost.detach() / cost_matrix(fx, fy, self.p).mean().clamp_min(1e-12)
+        return torch.cat([x, fx * feature**root], 1), torch.cat([y, fy * feature**root], 1)
 
     def current_blur(
         self, x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor | None = None
