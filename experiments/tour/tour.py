@@ -4,8 +4,8 @@ RNA and antibody counts of the same cells are given to the model as two unpaired
 the known pairing and the protein-gated cell types are used only to score the result.
 Run from the repository root (``--data demo`` needs nothing beside the project)::
 
-    .venv/bin/python experiments/tour/tour.py --data demo --out experiments/tour/out
-    .venv/bin/python experiments/tour/tour.py --data pbmc10k   # needs ../shared/data
+    .venv/bin/python -m experiments.tour.tour --data demo --out experiments/tour/out
+    .venv/bin/python -m experiments.tour.tour --data pbmc10k   # needs ../shared/data
 """
 
 from __future__ import annotations
