@@ -6,8 +6,10 @@ import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 
+from diagvi import DIAGVI
 from diagvi.inference import latent_representation
 from diagvi.outputs import paired_foscttm
+from diagvi.synthetic import make_synthetic_pair
 from diagvi.train import build_datamodule, build_model
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
@@ -60,3 +62,18 @@ def test_alignment_recovers_pairing(trained):
     assert 0.4 < before < 0.6  # an untrained model is at chance
     assert after < 0.3
     assert after < before - 0.15
+
+
+def test_labels_transfer_across_modalities_far_above_chance():
+    """Labels seen only in RNA are transferred to the protein cells (4 types: chance 0.25)."""
+    adatas, mapping = make_synthetic_pair(n_cells=400, seed=0)
+    truth = adatas["protein"].obs["cell_type"].astype(str).to_numpy()
+    protein = adatas["protein"].copy()
+    del protein.obs["cell_type"]
+    DIAGVI.setup_anndata(adatas["rna"], labels_key="cell_type", likelihood="nb")
+    DIAGVI.setup_anndata(protein, likelihood="nb")
+    model = DIAGVI({"rna": adatas["rna"], "protein": protein}, mapping_df=mapping)
+    model.train(max_epochs=60, accelerator="cpu", early_stopping=False)
+    for method in ("classifier", "knn"):
+        predicted = model.predict_celltype("rna", "protein", method=method)["predictions"]
+        assert (predicted == truth).mean() > 0.8, method
