@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 
@@ -27,6 +30,8 @@ DEFAULT_WEIGHTS = {
     "lam_sinkhorn": 85.0,
     "lam_class": 5.0,
 }
+# what a training step does when a loss term is NaN or infinite
+NONFINITE_ACTIONS = ("raise", "skip")
 
 
 def weigh(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
@@ -46,6 +51,11 @@ class DiagVILightning(L.LightningModule):
         ``lam_class``.
     lr, weight_decay
         Adam settings.
+    nonfinite
+        When a loss term of a training step is NaN or infinite: ``raise`` a
+        ``FloatingPointError`` naming the terms, the step and the epoch (the last checkpoint
+        written before it is kept), or ``skip`` the step (no update) and count it in
+        ``train/skipped_steps``.
     """
 
     def __init__(
@@ -54,6 +64,7 @@ class DiagVILightning(L.LightningModule):
         weights: Mapping[str, float] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
         self.module = module
@@ -63,19 +74,57 @@ class DiagVILightning(L.LightningModule):
             raise ValueError(
                 f"unknown loss weights {sorted(unknown)}; expected {sorted(DEFAULT_WEIGHTS)}"
             )
-        self.lr, self.weight_decay = lr, weight_decay
+        if nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_ACTIONS}, got {nonfinite!r}")
+        self.lr, self.weight_decay, self.nonfinite = lr, weight_decay, nonfinite
+        self.skipped_steps = 0
+        self._base_seed: int | None = None
         self.save_hyperparameters(ignore=["module"])
 
-    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
+    def _step(self, batch: Batch, stage: str) -> torch.Tensor | None:
         terms = self.module.loss_terms(batch)
         loss = weigh(terms, self.weights)
         size = max(len(b["x"]) for b in batch.values())
+        if stage == "train":
+            bad = [f"train/{k}" for k, v in terms.items() if not torch.isfinite(v).all()]
+            if bad or not torch.isfinite(loss):
+                self._nonfinite(bad or ["train/loss"])
+            self.log(
+                "train/skipped_steps",
+                float(self.skipped_steps),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="max",
+                batch_size=size,
+            )
+            if bad or not torch.isfinite(loss):
+                return None  # Lightning skips backward and the optimizer step
         logged = {f"{stage}/{k}": v.detach() for k, v in terms.items()}
         logged[f"{stage}/loss"] = loss.detach()
         self.log_dict(logged, on_step=False, on_epoch=True, batch_size=size, prog_bar=False)
         return loss
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def _nonfinite(self, terms: list[str]) -> None:
+        """Count the step (``nonfinite="skip"``) or raise a ``FloatingPointError``."""
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            return
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        dirpath = getattr(callback, "dirpath", None)
+        last = Path(dirpath) / "last.ckpt" if dirpath else None
+        if last is not None and last.is_file():
+            kept = f"the last good checkpoint is kept ({last})"
+        elif last is not None:
+            kept = f"no checkpoint was written yet ({last} appears after the first epoch)"
+        else:
+            kept = "no checkpoint callback is configured (callbacks=default keeps last.ckpt)"
+        raise FloatingPointError(
+            f"non-finite loss term(s) {', '.join(terms)} at global step {self.global_step}, "
+            f"epoch {self.current_epoch}; training stopped and {kept}. Try a smaller model.lr, "
+            "trainer.gradient_clip_val, or model.nonfinite=skip to skip such steps"
+        )
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, "train")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -83,6 +132,29 @@ class DiagVILightning(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    # Each epoch's random stream (sampling of z, dropout) is seeded from (base seed, epoch) at
+    # its first batch, as PairedSampler.set_epoch does for the batch order: a run resumed from
+    # an end-of-epoch checkpoint then matches an uninterrupted one (Lightning saves no RNG
+    # state, and draws from torch's RNG at different points when it resumes).
+    def on_fit_start(self) -> None:
+        if self._base_seed is None:
+            self._base_seed = torch.initial_seed()
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        if batch_idx == 0:
+            if self._base_seed is None:  # a checkpoint of an older diagvi
+                self._base_seed = torch.initial_seed()
+            state = np.random.SeedSequence([self._base_seed, self.current_epoch]).generate_state(2)
+            torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["diagvi"] = {"base_seed": self._base_seed, "skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("diagvi") or {}
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
+        self._base_seed = saved.get("base_seed", self._base_seed)
 
 
 class HistoryCallback(L.Callback):

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import subprocess
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,11 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from diagvi import outputs
+from diagvi.checkpoint import AtomicCheckpointIO, resolve_ckpt_path
 from diagvi.data import DataSpec, ModalitySetup, PairedDataModule, read_modalities
 from diagvi.errors import DataError
 from diagvi.graph import build_guidance_graph
+from diagvi.io import atomic_write
 from diagvi.lit import DEFAULT_WEIGHTS, DiagVILightning
 from diagvi.module import DiagVAE
 
@@ -119,7 +124,63 @@ def build_model(cfg_model: DictConfig, spec: DataSpec) -> DiagVILightning:
         encoder=OmegaConf.to_container(cfg_model.encoder),
     )
     weights = {k: float(cfg_model[k]) for k in DEFAULT_WEIGHTS}
-    return DiagVILightning(module, weights, lr=cfg_model.lr, weight_decay=cfg_model.weight_decay)
+    return DiagVILightning(
+        module,
+        weights,
+        lr=cfg_model.lr,
+        weight_decay=cfg_model.weight_decay,
+        nonfinite=cfg_model.get("nonfinite", "raise"),
+    )
+
+
+# distributions whose versions a run records (provenance.json)
+PROVENANCE_PACKAGES = (
+    "diagvi",
+    "torch",
+    "lightning",
+    "numpy",
+    "anndata",
+    "geomloss",
+    "torch_geometric",
+    "hydra-core",
+    "optuna",
+)
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit(path: Path | None = None) -> dict[str, Any] | None:
+    """``{"commit", "dirty"}`` of the git checkout holding ``path`` (default: this package), or
+    None outside one."""
+    path = path or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=path, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(cfg: DictConfig, ckpt_path: str | None) -> dict[str, Any]:
+    """What a run needs to be reproduced: seed, package versions, git commit, resume point."""
+    git = git_commit()
+    return {
+        "seed": cfg.seed,
+        "git_commit": git and git["commit"],
+        "git_dirty": git and git["dirty"],
+        "resumed_from": ckpt_path,
+        "python": platform.python_version(),
+        "packages": {name: _version(name) for name in PROVENANCE_PACKAGES},
+    }
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -203,6 +264,10 @@ def _finish_wandb(loggers: list, status: str) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one model as configured and write its outputs; returns the run's metrics.
 
+    ``provenance.json`` (seed, package versions, git commit, the checkpoint resumed from) is
+    written first. ``ckpt_path``: ``last`` (this run dir's ``checkpoints/last.ckpt``), a run
+    directory, or a checkpoint file. Checkpoints are written atomically.
+
     Raises ``FloatingPointError`` when the objective is not finite (a diverged run) and, in a
     sweep, ``optuna.TrialPruned`` after writing the outputs of a pruned trial.
     """
@@ -210,6 +275,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    atomic_write(
+        run_dir / "provenance.json",
+        lambda tmp: Path(tmp).write_text(json.dumps(provenance(cfg, ckpt_path), indent=2)),
+    )
     objective = objective_name(cfg)
     loggers = _instantiate_all(cfg.get("logger"))
     status = "failed"
@@ -223,9 +293,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trial = open_trial(cfg)
         if trial is not None:
             callbacks.append(TrialCallback(objective, dm, trial))
-        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer: L.Trainer = instantiate(
+            cfg.trainer,
+            logger=loggers or False,
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+        )
         start = time.perf_counter()
-        trainer.fit(lit, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
         seconds = time.perf_counter() - start
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics.update(epochs=trainer.current_epoch, train_seconds=seconds)
