@@ -292,6 +292,11 @@ class PairedSampler:
     permutations: each time it is exhausted it is reshuffled, so no batch order ever repeats.
     Without shuffling (validation) the order is the natural one, cycled. ``set_epoch`` (called
     by Lightning) reseeds the epoch, which keeps runs reproducible and resumable.
+
+    Distributed training (``num_replicas > 1``): every rank draws the same global sequence of
+    minibatches and keeps every ``num_replicas``-th one, starting at its ``rank``, so ranks see
+    disjoint cells. A rank left one short repeats the epoch's first minibatches, so that every
+    rank runs the same number of steps (as torch's ``DistributedSampler`` pads).
     """
 
     def __init__(
@@ -300,22 +305,46 @@ class PairedSampler:
         batch_size: int,
         shuffle: bool = True,
         seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must lie in [0, num_replicas={num_replicas}), got {rank}")
         self.indices = {k: np.asarray(v) for k, v in indices.items()}
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
         self.lead = max(self.indices, key=lambda k: len(self.indices[k]))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    @property
+    def n_global_batches(self) -> int:
+        """Minibatches in one epoch over all ranks."""
         return math.ceil(len(self.indices[self.lead]) / self.batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_global_batches / self.num_replicas)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.num_replicas == 1:
+            yield from self._global()
+            return
+        n, mine, first = self.n_global_batches, [], []
+        for i, batch in enumerate(self._global()):
+            if i < self.num_replicas * len(self) - n:  # the padding, at most one per rank
+                first.append(batch)
+            if i % self.num_replicas == self.rank:
+                yield batch
+                mine.append(i)
+        if len(mine) < len(self):
+            yield first[self.rank - (n % self.num_replicas)]
 
     def _stream(self, idx: np.ndarray, rng: np.random.Generator) -> Iterator[np.ndarray]:
         while True:
             yield rng.permutation(idx) if self.shuffle else idx
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    def _global(self) -> Iterator[dict[str, np.ndarray]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         lead = next(self._stream(self.indices[self.lead], rng))
         others = {k: self._stream(v, rng) for k, v in self.indices.items() if k != self.lead}
@@ -347,9 +376,12 @@ def paired_loader(
     shuffle: bool,
     seed: int = 0,
     num_workers: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
 ) -> DataLoader:
-    """A DataLoader over :class:`PairedSampler` minibatches (no collation needed)."""
-    sampler = PairedSampler(indices, batch_size, shuffle=shuffle, seed=seed)
+    """A DataLoader over :class:`PairedSampler` minibatches (no collation needed); this rank's
+    share of them in distributed training."""
+    sampler = PairedSampler(indices, batch_size, shuffle, seed, num_replicas, rank)
     return DataLoader(
         PairedDataset(data),
         sampler=sampler,
@@ -399,14 +431,31 @@ class PairedDataModule(L.LightningDataModule):
         self.train_idx = {k: s[0] for k, s in splits.items()}
         self.val_idx = {k: s[1] for k, s in splits.items()}
 
+    def _replicas(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` of the attached trainer; ``(1, 0)`` without one."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def train_dataloader(self) -> DataLoader:
         return paired_loader(
-            self.data, self.train_idx, self.batch_size, True, self.seed, self.num_workers
+            self.data,
+            self.train_idx,
+            self.batch_size,
+            True,
+            self.seed,
+            self.num_workers,
+            *self._replicas(),
         )
 
     def val_dataloader(self) -> DataLoader | list:
         if any(len(v) == 0 for v in self.val_idx.values()):
             return []
         return paired_loader(
-            self.data, self.val_idx, self.batch_size, False, self.seed, self.num_workers
+            self.data,
+            self.val_idx,
+            self.batch_size,
+            False,
+            self.seed,
+            self.num_workers,
+            *self._replicas(),
         )

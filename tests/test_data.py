@@ -743,3 +743,27 @@ def test_train_loader_order_follows_set_epoch(unequal_data):
     third = [b["protein"]["x"] for b in loader]
     assert not torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first, third, strict=True))
+
+
+@pytest.mark.parametrize("n_lead,batch_size,replicas", [(1000, 64, 2), (1024, 64, 2), (700, 50, 3)])
+def test_sampler_shards_the_epoch_across_ranks(n_lead, batch_size, replicas):
+    indices = {"rna": np.arange(n_lead), "protein": np.arange(300)}
+    shards = [
+        list(PairedSampler(indices, batch_size, True, 0, replicas, rank))
+        for rank in range(replicas)
+    ]
+    lengths = {len(s) for s in shards}
+    assert lengths == {len(PairedSampler(indices, batch_size, True, 0, replicas, 0))}
+    seen = [np.concatenate([b["rna"] for b in s]) for s in shards]
+    assert set(np.concatenate(seen)) == set(range(n_lead))  # the epoch is covered
+    n_global = -(-n_lead // batch_size)
+    pads = replicas * lengths.pop() - n_global
+    overlap = sum(len(set(a) & set(b)) for i, a in enumerate(seen) for b in seen[i + 1 :])
+    assert overlap <= pads * batch_size  # disjoint apart from the padding minibatches
+    if pads == 0:
+        assert overlap == 0
+
+
+def test_sampler_rejects_a_rank_outside_the_world():
+    with pytest.raises(ValueError, match="rank"):
+        PairedSampler({"rna": np.arange(10)}, 4, num_replicas=2, rank=2)
