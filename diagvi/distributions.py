@@ -50,16 +50,34 @@ def _nb_log_prob(
         \log p(x) = \log\Gamma(x+\theta) - \log\Gamma(\theta) - \log\Gamma(x+1)
         + \theta \log\frac{\theta}{\theta+\mu} + x \log\frac{\mu}{\theta+\mu}
 
-    ``eps`` is added inside every logarithm, so ``mu -> 0`` stays finite.
+    ``eps`` is added inside every logarithm, so ``mu -> 0`` stays finite. Every term but the
+    first vanishes where ``x = 0``, so they are computed on the nonzero entries only: count
+    data are mostly zeros (scRNA-seq: often > 90%), and the log-gamma functions and their
+    digamma gradients are the expensive part of a training step on a CPU. On an accelerator,
+    where elementwise work is cheap and finding the nonzeros would synchronise with the host,
+    every entry is computed.
     """
+    theta_log_theta = theta * torch.log(theta + eps)  # before broadcasting: often per feature
+    x, mu, theta = torch.broadcast_tensors(x, mu, theta)
     log_theta_mu = torch.log(theta + mu + eps)
-    return (
-        theta * (torch.log(theta + eps) - log_theta_mu)
-        + x * (torch.log(mu + eps) - log_theta_mu)
-        + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(x + 1)
+    out = theta_log_theta - theta * log_theta_mu
+    if x.device.type != "cpu":
+        return (
+            out
+            + x * (torch.log(mu + eps) - log_theta_mu)
+            + torch.lgamma(x + theta)
+            - torch.lgamma(theta)
+            - torch.lgamma(x + 1)
+        )
+    nonzero = x.nonzero(as_tuple=True)
+    xn, thetan = x[nonzero], theta[nonzero]
+    counts = (
+        xn * (torch.log(mu[nonzero] + eps) - log_theta_mu[nonzero])
+        + torch.lgamma(xn + thetan)
+        - torch.lgamma(thetan)
+        - torch.lgamma(xn + 1)
     )
+    return out.index_put(nonzero, counts, accumulate=True)
 
 
 @torch.no_grad()
@@ -94,6 +112,8 @@ class NegativeBinomial(Distribution):
         self, mu: Param, theta: Param, eps: float = 1e-8, validate_args: bool = False
     ) -> None:
         self.mu, self.theta = broadcast_all(mu, theta)
+        # theta as given (e.g. one row per feature): log_prob's theta-only terms are cheaper
+        self._theta = theta if isinstance(theta, torch.Tensor) else self.theta
         self.eps = eps
         super().__init__(self.mu.shape, validate_args=validate_args)
 
@@ -109,7 +129,7 @@ class NegativeBinomial(Distribution):
         return _nb_sample(self.mu, self.theta, torch.Size(sample_shape))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return _nb_log_prob(value, self.mu, self.theta, self.eps)
+        return _nb_log_prob(value, self.mu, self._theta, self.eps)
 
 
 class NegativeBinomialMixture(Distribution):

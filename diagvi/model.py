@@ -18,7 +18,6 @@ import anndata as ad
 import lightning as L
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from torch_geometric.data import Data
@@ -41,6 +40,7 @@ from diagvi.lit import DiagVILightning, HistoryCallback
 from diagvi.module import DiagVAE
 from diagvi.plotting import plot_history, plot_joint_embedding
 from diagvi.registry import ALIGNMENTS, CLASSIFIERS, GRAPH_ENCODERS, LIKELIHOODS, PRIORS
+from diagvi.stream import row_sums
 
 SETUP_KEY = "diagvi_setup"
 MODEL_FILE = "model.pt"
@@ -220,6 +220,7 @@ class DIAGVI:
         train_size: float = 0.9,
         early_stopping: bool = True,
         early_stopping_patience: int = 20,
+        check_val_every_n_epoch: int | None = None,
         lam_data: float = 0.1,
         lam_kl: float = 0.1,
         lam_graph: float = 15.0,
@@ -234,8 +235,10 @@ class DIAGVI:
         """Train with Lightning; returns and stores :attr:`history` (one row per epoch).
 
         ``max_epochs=None`` uses :func:`default_max_epochs` of the larger modality. Early
-        stopping watches ``val/loss`` (``train/loss`` when ``train_size=1``). The ``lam_*``
-        weights are those of ``configs/model/diagvi.yaml``.
+        stopping watches ``val/loss`` (``train/loss`` when ``train_size=1``). The held-out
+        cells are evaluated every ``check_val_every_n_epoch`` epochs; ``None``: every epoch
+        with early stopping, never without (as scvi-tools; the history then has no ``val/``
+        columns). The ``lam_*`` weights are those of ``configs/model/diagvi.yaml``.
         """
         if not 0.0 < train_size <= 1.0:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}")
@@ -260,8 +263,12 @@ class DIAGVI:
             has_val = all(len(v) for v in dm.val_idx.values())
             monitor = "val/loss" if has_val else "train/loss"
             callbacks.append(EarlyStopping(monitor, patience=early_stopping_patience))
+        validate = check_val_every_n_epoch or (1 if early_stopping else None)
         with tempfile.TemporaryDirectory() as root:
             trainer = L.Trainer(
+                check_val_every_n_epoch=validate or 1,
+                limit_val_batches=None if validate else 0,
+                num_sanity_val_steps=None if validate else 0,
                 max_epochs=max_epochs,
                 accelerator=accelerator,
                 devices=devices,
@@ -299,16 +306,27 @@ class DIAGVI:
         return read_modality(name, adata, setup)
 
     def get_latent_representation(
-        self, adatas: Mapping[str, ad.AnnData] | None = None, give_mean: bool = True
+        self,
+        adatas: Mapping[str, ad.AnnData] | None = None,
+        give_mean: bool = True,
+        out_dir: str | Path | None = None,
     ) -> dict[str, np.ndarray]:
         """Latent ``z`` per modality: posterior mean (default) or one posterior sample.
 
         ``adatas`` (default: the training data) may hold one or both modalities, with the
-        training features in the training order.
+        training features in the training order; AnnData opened with ``backed="r"`` are read
+        from disk chunk by chunk. ``out_dir``: write each modality's latent to
+        ``<out_dir>/latent_<modality>.npy`` minibatch by minibatch and return read-only
+        memmaps of the files (for more cells than memory holds).
         """
         sources = self.data if adatas is None else {m: self._read(m, a) for m, a in adatas.items()}
         return {
-            m: inference.latent_representation(self.module, d, give_mean=give_mean)
+            m: inference.latent_representation(
+                self.module,
+                d,
+                give_mean=give_mean,
+                out=None if out_dir is None else Path(out_dir) / f"latent_{m}.npy",
+            )
             for m, d in sources.items()
         }
 
@@ -341,6 +359,7 @@ class DIAGVI:
         target_libsize=None,
         batch_size: int = 1024,
         *,
+        out: str | Path | None = None,
         query_name: str | None = None,
         query_adata: ad.AnnData | None = None,
         reference_batch=None,
@@ -366,6 +385,9 @@ class DIAGVI:
             Library size in counts for count likelihoods, scalar or one per cell (alias
             ``reference_libsize``). Default: median library size of the target's training
             cells. Ignored by continuous likelihoods.
+        out
+            An ``.npy`` path: the result is written there minibatch by minibatch and returned
+            as a read-only memmap (for more cells x features than memory holds).
         """
         source_name = _alias(source_name, query_name, "source_name", "query_name")
         source_adata = _alias(source_adata, query_adata, "source_adata", "query_adata")
@@ -379,12 +401,12 @@ class DIAGVI:
         source = self._read(source_name, source_adata)
         n = source.n_obs
         if target_libsize is None:
-            X = self.data[target].X
-            totals = np.asarray(X.sum(1)).ravel() if sp.issparse(X) else X.sum(1)
-            target_libsize = float(np.median(totals))
+            target_libsize = float(np.median(row_sums(self.data[target].X)))
         library = np.broadcast_to(np.asarray(target_libsize, dtype=np.float32), (n,)).copy()
         batch = self._batch_codes(target, target_batch, n)
-        return inference.imputed_values(self.module, source, target, batch, library, batch_size)
+        return inference.imputed_values(
+            self.module, source, target, batch, library, batch_size, out=out
+        )
 
     def predict_celltype(
         self,

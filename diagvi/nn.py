@@ -71,4 +71,7 @@ class BilinearDecoder(nn.Module):
         self.beta = nn.Parameter(torch.zeros(n_batches, n_features))
 
     def forward(self, z: torch.Tensor, v: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        return F.softplus(self.alpha[batch]) * (z @ v.T) + self.beta[batch]
+        scale, bias = F.softplus(self.alpha), self.beta
+        if len(scale) > 1:  # one batch: the rows broadcast over the cells, no copy
+            scale, bias = scale[batch], bias[batch]
+        return torch.addcmul(bias, scale, z @ v.T)

@@ -481,6 +481,11 @@ def test_unknown_rule_or_mode_raises():
         UnbalancedSinkhorn(blur_mode="bogus")
 
 
+def max_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The epsilon-scaling start our alignment gives GeomLoss (debias=True is its default)."""
+    return float(torch.cdist(x, y).max())
+
+
 def test_fixed_blur_and_reach_are_passed_to_geomloss():
     x, y = clouds()
     y = y + 0.5
@@ -489,7 +494,9 @@ def test_fixed_blur_and_reach_are_passed_to_geomloss():
         assert align.current_blur(x, y) == 0.3
         assert align.current_blur(10 * x, 10 * y) == 0.3  # independent of the data
         reach = None if reach_scale is None else reach_scale * 0.3
-        ref = SamplesLoss("sinkhorn", p=2, blur=0.3, reach=reach, debias=True, scaling=0.75)
+        ref = SamplesLoss(
+            "sinkhorn", p=2, blur=0.3, reach=reach, scaling=0.75, diameter=max_distance(x, y)
+        )
         torch.testing.assert_close(align({"a": x, "b": y}), ref(x, y))
 
 
@@ -499,7 +506,7 @@ def test_balanced_sinkhorn_has_no_reach():
     align = ALIGNMENTS.build("sinkhorn", reach_scale=5.0, blur_mode="fixed", blur=0.2, **RAW_COST)
     assert align.reach_scale is None
     x, y = clouds()
-    ref = SamplesLoss("sinkhorn", p=2, blur=0.2, reach=None, debias=True, scaling=0.75)
+    ref = SamplesLoss("sinkhorn", p=2, blur=0.2, scaling=0.75, diameter=max_distance(x, y))
     torch.testing.assert_close(align({"a": x, "b": y}), ref(x, y))
 
 
@@ -510,7 +517,8 @@ def test_scale_cost_mean():
     y = y + 0.5
     align = UnbalancedSinkhorn(blur_mode="fixed", blur=0.3, reach_scale=10.0, scale_cost="mean")
     unit = hand_cost(x, y).mean().sqrt()
-    ref = SamplesLoss("sinkhorn", p=2, blur=0.3, reach=3.0, debias=True, scaling=0.75)
+    diameter = max_distance(x / unit, y / unit)
+    ref = SamplesLoss("sinkhorn", p=2, blur=0.3, reach=3.0, scaling=0.75, diameter=diameter)
     torch.testing.assert_close(align({"a": x, "b": y}), ref(x / unit, y / unit))
     # the divergence no longer depends on the scale of the latent space
     for name in OT_ALIGNMENTS:
@@ -770,3 +778,11 @@ def test_diagvae_without_labels_has_no_classifier(synthetic_spec):
     terms = module.loss_terms(batch)
     assert not any(t.startswith("cls") for t in terms)
     assert all(torch.isfinite(v) for v in terms.values())
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_mean_cost_equals_the_mean_of_the_cost_matrix(p):
+    from diagvi.components.alignment import cost_matrix, mean_cost
+
+    x, y = clouds()
+    torch.testing.assert_close(mean_cost(x, y + 0.3, p), cost_matrix(x, y + 0.3, p).mean())

@@ -239,3 +239,21 @@ def test_plots_save_files_and_return_figures(tmp_path):
     for name, plot in (("embedding", model.plot_embedding), ("history", model.plot_history)):
         path = plot(tmp_path / f"{name}.png")
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_validation_runs_with_early_stopping_or_when_asked():
+    adatas, mapping = make_synthetic_pair(n_cells=120, n_genes=30, n_proteins=6)
+    for adata in adatas.values():
+        DIAGVI.setup_anndata(adata)
+    model = DIAGVI(adatas, mapping_df=mapping, n_latent=4)
+    h = model.train(max_epochs=2, accelerator="cpu", batch_size=32, early_stopping=False)
+    assert len(h) == 2 and not any(c.startswith("val/") for c in h.columns)
+    assert np.isfinite(h["train/loss"]).all() and h["train/skipped_steps"].eq(0).all()
+    h = model.train(
+        max_epochs=2,
+        accelerator="cpu",
+        batch_size=32,
+        early_stopping=False,
+        check_val_every_n_epoch=1,
+    )
+    assert "val/loss" in h.columns and np.isfinite(h["val/loss"]).all()

@@ -23,6 +23,15 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, p: int = 2) -> torch.Tensor:
     return distance if p == 1 else distance.pow(p) / p
 
 
+def mean_cost(x: torch.Tensor, y: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Mean of :func:`cost_matrix`; for ``p = 2`` in closed form, without the ``N x M`` matrix:
+    ``mean_ij |x_i - y_j|^2 / 2 = (mean|x|^2 + mean|y|^2 - 2 mean(x).mean(y)) / 2``."""
+    if p != 2:
+        return cost_matrix(x, y, p).mean()
+    cross = x.mean(0) @ y.mean(0)
+    return ((x.square().sum(1).mean() + y.square().sum(1).mean() - 2.0 * cross) / 2).clamp_min(0)
+
+
 def adaptive_blur(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -123,12 +132,12 @@ class UnbalancedSinkhorn(nn.Module):
         that shrinks therefore shrinks the feature part with it, and gains nothing.
         """
         root = 1.0 / self.p
-        latent_cost = cost_matrix(x, y, self.p).mean().clamp_min(1e-12)
+        latent_cost = mean_cost(x, y, self.p).clamp_min(1e-12)
         if self.scale_cost == "mean":
             x, y = x / latent_cost**root, y / latent_cost**root
             latent_cost = torch.ones_like(latent_cost)
         share = self.feature_weight / (1.0 - self.feature_weight)
-        feature = share * latent_cost.detach() / cost_matrix(fx, fy, self.p).mean().clamp_min(1e-12)
+        feature = share * latent_cost.detach() / mean_cost(fx, fy, self.p).clamp_min(1e-12)
         return torch.cat([x, fx * feature**root], 1), torch.cat([y, fy * feature**root], 1)
 
     def current_blur(
@@ -155,8 +164,15 @@ class UnbalancedSinkhorn(nn.Module):
             mean_cost = cost.mean().clamp_min(1e-12)
             x, y = x / mean_cost ** (1.0 / self.p), y / mean_cost ** (1.0 / self.p)
             cost = cost / mean_cost  # the rescaled clouds' cost, reused by the blur rule
+        if cost is None:
+            with torch.no_grad():
+                cost = cost_matrix(x.detach(), y.detach(), self.p)
         blur = self.current_blur(x, y, cost)
         reach = None if self.reach_scale is None else self.reach_scale * blur
+        # epsilon-scaling starts from the largest distance between the two clouds; GeomLoss'
+        # default, the diagonal of their bounding box, is several times larger in a latent of
+        # tens of dimensions and costs as many extra Sinkhorn iterations
+        diameter = max(float((self.p * cost.detach().max()) ** (1.0 / self.p)), blur)
         if self.training:
             self.step += 1
         loss = SamplesLoss(
@@ -166,6 +182,7 @@ class UnbalancedSinkhorn(nn.Module):
             reach=reach,
             debias=True,
             scaling=self.scaling,
+            diameter=diameter,
             backend="tensorized",
         )
         return loss(x, y)

@@ -46,6 +46,12 @@ class Likelihood(nn.Module):
     def _param(self, init: float = 0.0) -> nn.Parameter:
         return nn.Parameter(torch.full((self.n_batches, self.n_features), float(init)))
 
+    @staticmethod
+    def _per_cell(param: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Each cell's row of a per-batch parameter; with one batch the single row, which
+        broadcasts: no cells x features copy, and its functions are computed once per feature."""
+        return param if len(param) == 1 else param[batch]
+
     def transform(self, x: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
         """What the encoder sees: log1p of depth-normalised counts, log1p or identity."""
         if self.counts:
@@ -73,7 +79,9 @@ class NB(Likelihood):
         self.log_theta = self._param(1.0)
 
     def forward(self, eta, batch, library):
-        return D.NegativeBinomial(_composition_mean(eta, library), self.log_theta[batch].exp())
+        return D.NegativeBinomial(
+            _composition_mean(eta, library), self._per_cell(self.log_theta.exp(), batch)
+        )
 
 
 @LIKELIHOODS.register("zinb")
@@ -86,7 +94,9 @@ class ZINB(NB):
 
     def forward(self, eta, batch, library):
         return D.ZeroInflatedNegativeBinomial(
-            _composition_mean(eta, library), self.log_theta[batch].exp(), self.zi_logits[batch]
+            _composition_mean(eta, library),
+            self._per_cell(self.log_theta.exp(), batch),
+            self._per_cell(self.zi_logits, batch),
         )
 
 
@@ -106,10 +116,12 @@ class NBMixture(NB):
 
     def forward(self, eta, batch, library):
         background = _composition_mean(eta, library)
-        foreground = background * (1.0 + F.softplus(self.log_ratio[batch]))
-        weight_logits = self.w_scale[batch] * eta + self.w_bias[batch]
+        foreground = background * (1.0 + self._per_cell(F.softplus(self.log_ratio), batch))
+        weight_logits = self._per_cell(self.w_scale, batch) * eta + self._per_cell(
+            self.w_bias, batch
+        )
         return D.NegativeBinomialMixture(
-            foreground, background, self.log_theta[batch].exp(), weight_logits
+            foreground, background, self._per_cell(self.log_theta.exp(), batch), weight_logits
         )
 
 
@@ -122,7 +134,7 @@ class Gaussian(Likelihood):
         self.raw_scale = self._param(0.0)
 
     def scale(self, batch: torch.Tensor) -> torch.Tensor:
-        return F.softplus(self.raw_scale[batch]) + _EPS
+        return self._per_cell(F.softplus(self.raw_scale) + _EPS, batch)
 
     def forward(self, eta, batch, library):
         return Normal(eta, self.scale(batch))
@@ -149,7 +161,9 @@ class ZILN(Gaussian):
         self.zi_logits = self._param(-2.0)
 
     def forward(self, eta, batch, library):
-        return D.ZeroInflatedLogNormal(eta, self.scale(batch), self.zi_logits[batch])
+        return D.ZeroInflatedLogNormal(
+            eta, self.scale(batch), self._per_cell(self.zi_logits, batch)
+        )
 
 
 @LIKELIHOODS.register("zig")
@@ -164,6 +178,8 @@ class ZIG(Likelihood):
         self.zi_logits = self._param(-2.0)
 
     def forward(self, eta, batch, library):
-        concentration = F.softplus(self.raw_concentration[batch]) + _EPS
+        concentration = self._per_cell(F.softplus(self.raw_concentration) + _EPS, batch)
         mean = F.softplus(eta) + _EPS
-        return D.ZeroInflatedGamma(concentration, concentration / mean, self.zi_logits[batch])
+        return D.ZeroInflatedGamma(
+            concentration, concentration / mean, self._per_cell(self.zi_logits, batch)
+        )
