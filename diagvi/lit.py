@@ -87,11 +87,19 @@ class DiagVILightning(L.LightningModule):
         loss = weigh(terms, self.weights)
         if stage == "train":
             bad = [f"train/{k}" for k, v in terms.items() if not torch.isfinite(v).all()]
-            if bad or not torch.isfinite(loss):
-                self._nonfinite(bad or ["train/loss"])
+            if not torch.isfinite(loss):
+                bad = bad or ["train/loss"]
+            # under DDP every rank must skip together, or the gradient all-reduce hangs
+            if self._any_rank(bool(bad)):
+                self._nonfinite(bad or ["train/loss (on another rank)"])
                 return None  # Lightning skips backward and the optimizer step
         self._accumulate(stage, {**terms, "loss": loss}, max(len(b["x"]) for b in batch.values()))
         return loss
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return flag
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
 
     # Terms are summed here and logged once per epoch: Lightning's self.log costs about a
     # millisecond per call and key (it walks all logged results each time), which on small
@@ -177,7 +185,10 @@ class DiagVILightning(L.LightningModule):
         if batch_idx == 0:
             if self._base_seed is None:  # a checkpoint of an older diagvi
                 self._base_seed = torch.initial_seed()
-            state = np.random.SeedSequence([self._base_seed, self.current_epoch]).generate_state(2)
+            key = [self._base_seed, self.current_epoch]
+            if self.trainer.world_size > 1:  # independent noise and dropout on every rank
+                key.append(self.global_rank)
+            state = np.random.SeedSequence(key).generate_state(2)
             torch.manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -178,9 +178,12 @@ class DiagVAE(nn.Module):
             if self.classifier is not None:
                 terms[f"cls/{name}"] = self.classifier.loss(z, y)
             zs[name] = qz.loc  # align the posterior means: the embedding users get
-        terms.update({f"graph/{k}": t for k, t in self.g2v.loss(qv, v).items()})
-        terms.update(self.link_consistency(zs, inputs, qv.loc))
-        terms["align"] = self.alignment(zs, self.linked_features(inputs))
+        # float32 also under mixed precision (trainer=gpu: bf16-mixed): correlations and
+        # Sinkhorn's log-sum-exp iterations lose too much in bfloat16
+        with torch.autocast(v.device.type, enabled=False):
+            terms.update({f"graph/{k}": t for k, t in self.g2v.loss(qv, v).items()})
+            terms.update(self.link_consistency(zs, inputs, qv.loc))
+            terms["align"] = self.alignment(zs, self.linked_features(inputs))
         return terms
 
 

@@ -48,7 +48,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Normal:
         h = self.body(x)
-        return Normal(self.loc(h), F.softplus(self.scale(h)) + _MIN_SCALE)
+        # float32 parameters also under mixed precision: the KL and the losses on z need them
+        return Normal(self.loc(h).float(), F.softplus(self.scale(h).float()) + _MIN_SCALE)
 
 
 class BilinearDecoder(nn.Module):
@@ -74,4 +75,4 @@ class BilinearDecoder(nn.Module):
         scale, bias = F.softplus(self.alpha), self.beta
         if len(scale) > 1:  # one batch: the rows broadcast over the cells, no copy
             scale, bias = scale[batch], bias[batch]
-        return torch.addcmul(bias, scale, z @ v.T)
+        return torch.addcmul(bias, scale, (z @ v.T).float())

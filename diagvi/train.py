@@ -4,6 +4,9 @@ Composes ``configs/train.yaml``, builds data, guidance graph and model from the 
 trains with Lightning and writes the run's outputs into Hydra's run directory. Returns the
 configured objective (``objective``), which is what an Optuna sweep
 (``--multirun hparams_search=diagvi_optuna``) optimises.
+
+Under distributed training (``trainer=ddp``, ``docs/cluster.md``) every rank runs :func:`run`;
+only global rank 0 writes files, logs the final metrics and talks to an Optuna study.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +36,9 @@ from diagvi.graph import build_guidance_graph
 from diagvi.io import atomic_write
 from diagvi.lit import DEFAULT_WEIGHTS, DiagVILightning
 from diagvi.module import DiagVAE
+
+if TYPE_CHECKING:
+    import optuna
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -216,26 +223,66 @@ class TrialCallback(L.Callback):
     ``val/foscttm`` and ``val/label_transfer`` are computed and logged here (``val/loss`` is
     logged by the training loop). When the trial's pruner prunes it, training stops and
     ``pruned_at`` holds the epoch; :func:`run` then raises ``optuna.TrialPruned``.
+
+    Under distributed training every rank holds this callback, but only global rank 0 holds the
+    ``trial`` (``None`` elsewhere): rank 0 computes the objective and decides on pruning, and
+    shares both with the other ranks, which must stop at the same epoch.
+
+    Parameters
+    ----------
+    objective
+        ``val/foscttm``, ``val/label_transfer`` or ``val/loss``.
+    trial
+        The running trial (:func:`open_trial`) on global rank 0, ``None`` on the other ranks.
     """
 
-    def __init__(self, objective: str, dm: PairedDataModule, trial) -> None:
-        self.objective, self.dm, self.trial = objective, dm, trial
+    def __init__(self, objective: str, trial: optuna.trial.Trial | None = None) -> None:
+        self.objective, self.trial = objective, trial
         self.pruned_at: int | None = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: DiagVILightning) -> None:
-        if self.objective != "val/loss" and not trainer.sanity_checking:
-            value = outputs.heldout_metric(self.objective, pl_module.module, self.dm)
-            pl_module.log(self.objective, value)
+        if self.objective == "val/loss" or trainer.sanity_checking:
+            return
+        # computed once, on rank 0 (every rank holds the same weights); the other ranks log 0,
+        # and the sum over the ranks gives every rank rank 0's value
+        value = 0.0
+        if trainer.is_global_zero:
+            value = outputs.heldout_metric(self.objective, pl_module.module, trainer.datamodule)
+        pl_module.log(self.objective, value, sync_dist=True, reduce_fx="sum")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: DiagVILightning) -> None:
         # epoch-level values reach callback_metrics only after on_validation_epoch_end
         value = trainer.callback_metrics.get(self.objective)
         if trainer.sanity_checking or value is None:
             return
-        self.trial.report(float(value), step=trainer.current_epoch)
-        if self.trial.should_prune():
+        prune = False
+        if self.trial is not None:
+            self.trial.report(float(value), step=trainer.current_epoch)
+            prune = self.trial.should_prune()
+        if trainer.strategy.broadcast(prune, src=0):
             self.pruned_at = trainer.current_epoch
             trainer.should_stop = True
+
+
+def check_not_relaunched_in_sweep(trainer: L.Trainer) -> None:
+    """Refuse a multi-process trainer that would start its own processes inside a sweep.
+
+    Lightning starts the extra ranks of ``strategy=ddp`` by running the command line again,
+    which inside ``--multirun`` would start the whole sweep again in every rank. Processes made
+    by the cluster (SLURM tasks: ``hydra/launcher=slurm``; ``torchrun``) are fine.
+    """
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if (
+        in_sweep
+        and trainer.world_size > 1
+        and not trainer.strategy.cluster_environment.creates_processes_externally
+    ):
+        raise ValueError(
+            f"a sweep trial cannot start its own {trainer.world_size} training processes "
+            "(Lightning would run the sweep's command line again in each); run the sweep "
+            "with hydra/launcher=slurm (one SLURM task per device) or with one device per "
+            "trial (trainer=default or trainer=gpu); see docs/cluster.md"
+        )
 
 
 def _log_final(loggers: list, metrics: dict[str, Any], step: int) -> None:
@@ -268,42 +315,59 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     written first. ``ckpt_path``: ``last`` (this run dir's ``checkpoints/last.ckpt``), a run
     directory, or a checkpoint file. Checkpoints are written atomically.
 
+    Under distributed training every rank trains, and global rank 0 alone writes the outputs,
+    logs the final metrics and reports to an Optuna trial; the other ranks return the metrics
+    they hold after training (their own share of the validation data).
+
     Raises ``FloatingPointError`` when the objective is not finite (a diverged run) and, in a
     sweep, ``optuna.TrialPruned`` after writing the outputs of a pruned trial.
     """
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
-    atomic_write(
-        run_dir / "provenance.json",
-        lambda tmp: Path(tmp).write_text(json.dumps(provenance(cfg, ckpt_path), indent=2)),
-    )
     objective = objective_name(cfg)
     loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    # in a sweep every rank holds it (it shares rank 0's objective and pruning decision)
+    trial_callback = TrialCallback(objective) if cfg.get("optuna_trial") else None
+    if trial_callback is not None:
+        callbacks.append(trial_callback)
+    # the trainer first: it knows this process's rank, and only rank 0 writes
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+    )
+    check_not_relaunched_in_sweep(trainer)
+    writer = trainer.is_global_zero
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    if writer:
+        atomic_write(
+            run_dir / "provenance.json",
+            lambda tmp: Path(tmp).write_text(json.dumps(provenance(cfg, ckpt_path), indent=2)),
+        )
     status = "failed"
     try:
         # the config first: a run that fails while building data or model still shows it
+        # (loggers write on rank 0 only)
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         dm, spec, adatas = build_datamodule(cfg)
         lit = build_model(cfg.model, spec)
-        callbacks = _instantiate_all(cfg.get("callbacks"))
-        trial = open_trial(cfg)
-        if trial is not None:
-            callbacks.append(TrialCallback(objective, dm, trial))
-        trainer: L.Trainer = instantiate(
-            cfg.trainer,
-            logger=loggers or False,
-            callbacks=callbacks,
-            plugins=[AtomicCheckpointIO()],
-        )
+        trial = open_trial(cfg) if writer else None
+        if trial_callback is not None:
+            trial_callback.trial = trial
         start = time.perf_counter()
         trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
         seconds = time.perf_counter() - start
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics.update(epochs=trainer.current_epoch, train_seconds=seconds)
+        if not writer:
+            status = "finished"
+            return metrics
         held_out = all(len(v) for v in dm.val_idx.values())
         if objective != "val/loss" and (held_out or trial is not None):
             metrics[objective] = outputs.heldout_metric(objective, lit.module, dm)
@@ -313,7 +377,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     lit.module, dm.data, adatas, run_dir, paired=cfg.data.paired
                 )
             )
-        pruned_at = callbacks[-1].pruned_at if trial is not None else None
+        pruned_at = trial_callback.pruned_at if trial_callback is not None else None
         if pruned_at is not None:
             metrics["pruned_at_epoch"] = pruned_at
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -103,7 +103,7 @@ class UnbalancedSinkhorn(nn.Module):
         blur_start: float = 1.0,
         anneal_steps: int = 1000,
         reach_scale: float | None = 10.0,
-        scaling: float = 0.75,
+        scaling: float = 0.5,
         scale_cost: str | None = None,
         feature_weight: float = 0.5,
     ) -> None:

@@ -92,7 +92,7 @@ class GCNGraphEncoder(nn.Module):
 
     def forward(self) -> Normal:
         h = self.conv(self.embedding, self.edge_index, self.norm_weight)
-        return Normal(self.loc(h), F.softplus(self.scale(h)) + 1e-4)
+        return Normal(self.loc(h).float(), F.softplus(self.scale(h).float()) + 1e-4)
 
     def loss(self, qv: Normal, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-edge graph ELBO for one sample ``v`` of ``qv``: ``{"nll": ..., "kl": ...}``."""
