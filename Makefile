@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed-$(shell echo '$(TORCH)' | tr -c 'a-zA-Z0-9.=\n' _)
 ARGS    ?=
 
-.PHONY: help install demo test sweep bench bench-install lint format clean
+.PHONY: help install demo test sweep bench bench-install bench-scale lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -38,6 +38,10 @@ bench: install ## benchmark vs joint PCA and scvi-tools DIAGVI (QUICK=1: one see
 	test -x $(REF_VENV)/bin/python || $(MAKE) bench-install
 	WANDB_MODE=disabled $(PY) experiments/benchmark/run.py --ref-python $(REF_VENV)/bin/python \
 		$(if $(QUICK),--quick) $(ARGS)
+
+N ?= 100000
+bench-scale: install ## train one epoch from disk at N cells per modality (N=100000): cells/s, peak RSS
+	WANDB_MODE=disabled $(PY) experiments/scale/run.py --n-cells $(N) $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(PY) -m ruff check diagvi tests experiments

@@ -23,6 +23,7 @@ import torch
 
 from diagvi.errors import DataError
 from diagvi.registry import LIKELIHOODS
+from diagvi.stream import BackedMatrix, blocks
 
 # modality names become ModuleDict keys (no "."), file and log names (no "/"), and mapping-table
 # columns next to the optional "weight" and "sign" columns
@@ -151,8 +152,9 @@ def _support(name: str, likelihood: str) -> Support:
         raise DataError(f"modality {name!r}: {err}; set likelihood= to one of them") from None
 
 
-def _entry(X, bad: np.ndarray, obs_names: pd.Index, var_names: pd.Index) -> str:
-    """``value at cell, feature`` of the first True of ``bad`` (a mask over X, or X.data)."""
+def _entry(X, bad: np.ndarray, offset: int, obs_names: pd.Index, var_names: pd.Index) -> str:
+    """``value at cell, feature`` of the first True of ``bad`` (a mask over the block X, or its
+    ``.data``), X holding the rows from ``offset`` on."""
     k = int(np.argmax(bad))
     if sp.issparse(X):
         row, col = int(np.searchsorted(X.indptr, k, side="right")) - 1, X.indices[k]
@@ -160,13 +162,17 @@ def _entry(X, bad: np.ndarray, obs_names: pd.Index, var_names: pd.Index) -> str:
     else:
         row, col = divmod(k, X.shape[1])
         value = X[row, col]
-    return f"{value:g} at cell {obs_names[row]!r}, feature {var_names[col]!r}"
+    return f"{value:g} at cell {obs_names[offset + row]!r}, feature {var_names[col]!r}"
 
 
 def _matrix(
     name: str, adata: ad.AnnData, layer: str | None
-) -> tuple[np.ndarray | sp.csr_matrix, str]:
-    """A private float32 copy (dense C-order, or canonical CSR) of X or a layer."""
+) -> tuple[np.ndarray | sp.csr_matrix | BackedMatrix, str]:
+    """A private float32 copy (dense C-order, or canonical CSR) of X or a layer.
+
+    An AnnData opened with ``backed="r"`` (not a view of one) keeps its matrix on disk: the
+    result is then a :class:`~diagvi.stream.BackedMatrix` that reads float32 rows on demand.
+    """
     if layer is None:
         X, where = adata.X, "X"
     elif layer in adata.layers:
@@ -178,12 +184,19 @@ def _matrix(
         )
     if X is None:
         raise DataError(f"modality {name!r}: X is empty (None); pass layer= to read a layer")
+    if adata.isbacked and not adata.is_view:
+        try:
+            X = BackedMatrix.open(adata, layer)
+        except DataError as err:
+            raise DataError(f"modality {name!r}: {err}") from None
     dtype = np.dtype(getattr(X, "dtype", object))
     if dtype.kind not in "biuf":
         raise TypeError(
             f"modality {name!r}: {where} must hold real numbers, got dtype {dtype}; "
             "convert it to float32 or an integer type"
         )
+    if isinstance(X, BackedMatrix):
+        return X, where
     with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported below
         if sp.issparse(X):
             X = sp.csr_matrix(X, dtype=np.float32, copy=True)
@@ -195,33 +208,49 @@ def _matrix(
 
 
 def _check_values(name: str, where: str, X, likelihood: str, adata: ad.AnnData) -> None:
-    """Finite values inside the likelihood's support; sparse matrices check ``.data`` only."""
-    values = X.data if sp.issparse(X) else X
-    support = _support(name, likelihood)
+    """Finite values inside the likelihood's support; sparse matrices check ``.data`` only.
 
-    def fail(bad: np.ndarray, expected: str, found: str, fix: str) -> DataError:
-        entry = _entry(X, bad, adata.obs_names, adata.var_names)
+    One pass over the blocks of X (a single block in memory, chunks from disk), counting the
+    bad values of each kind; the first kind found, in the order finite, range, integer, is
+    reported, so a matrix on disk fails with the message it fails with in memory.
+    """
+    support = _support(name, likelihood)
+    tests = {"finite": lambda v: ~np.isfinite(v)}
+    if math.isfinite(support.lower):
+        tests["range"] = (
+            (lambda v: v <= support.lower) if support.strict else (lambda v: v < support.lower)
+        )
+    if support.integer:
+        tests["integer"] = lambda v: np.mod(v, 1) != 0
+    counts, examples = dict.fromkeys(tests, 0), {}
+    for offset, block in blocks(X):
+        values = block.data if sp.issparse(block) else block
+        for kind, test in tests.items():
+            with np.errstate(invalid="ignore"):  # NaN, reported by the finite test
+                bad = test(values)
+            n_bad = int(np.count_nonzero(bad))
+            if n_bad:
+                counts[kind] += n_bad
+                if kind not in examples:
+                    examples[kind] = _entry(block, bad, offset, adata.obs_names, adata.var_names)
+
+    def fail(kind: str, expected: str, found: str, fix: str) -> DataError:
         return DataError(
-            f"modality {name!r}: {expected}, but {where} has {int(bad.sum())} {found} value(s) "
-            f"(e.g. {entry}); {fix}"
+            f"modality {name!r}: {expected}, but {where} has {counts[kind]} {found} value(s) "
+            f"(e.g. {examples[kind]}); {fix}"
         )
 
-    bad = ~np.isfinite(values)
-    if bad.any():
+    if counts["finite"]:
         # float64 beyond +-3.4e38 overflows to inf in the float32 copy
-        raise fail(bad, "expected finite values", "NaN or Inf", "remove or impute them")
+        raise fail("finite", "expected finite values", "NaN or Inf", "remove or impute them")
     needs = f"likelihood {likelihood!r} needs {support.describe()}"
     fix = "pass the raw-count layer (layer=...) or a likelihood that fits the data, e.g. "
-    if math.isfinite(support.lower):
-        bad = values <= support.lower if support.strict else values < support.lower
-        if bad.any():
-            op = "<=" if support.strict else "<"
-            found = "negative" if support.lower == 0 else f"{op} {support.lower:g}"
-            raise fail(bad, needs, found, fix + "'normal' for scaled data")
-    if support.integer:
-        bad = np.mod(values, 1) != 0
-        if bad.any():
-            raise fail(bad, needs, "non-integer", fix + "'log1pnormal' for normalised data")
+    if counts.get("range"):
+        op = "<=" if support.strict else "<"
+        found = "negative" if support.lower == 0 else f"{op} {support.lower:g}"
+        raise fail("range", needs, found, fix + "'normal' for scaled data")
+    if counts.get("integer"):
+        raise fail("integer", needs, "non-integer", fix + "'log1pnormal' for normalised data")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,10 +282,17 @@ def _check_names(name: str, adata: ad.AnnData) -> None:
 
 
 def _empty(X) -> tuple[np.ndarray, np.ndarray]:
-    """Masks of all-zero cells and of all-zero features (X holds no explicit zeros if sparse)."""
-    if sp.issparse(X):
-        return np.diff(X.indptr) == 0, np.bincount(X.indices, minlength=X.shape[1]) == 0
-    return ~X.any(axis=1), ~X.any(axis=0)
+    """Masks of all-zero cells and of all-zero features (X holds no explicit zeros if sparse),
+    block by block."""
+    cells, features = [], np.zeros(X.shape[1], dtype=bool)
+    for _, block in blocks(X):
+        if sp.issparse(block):
+            cells.append(np.diff(block.indptr) == 0)
+            features[block.indices] = True
+        else:
+            cells.append(~block.any(axis=1))
+            features |= block.any(axis=0)
+    return np.concatenate(cells), ~features
 
 
 def _keep_cells(d: _D, cells: np.ndarray) -> _D:

@@ -4,6 +4,8 @@ Each modality is read once into a :class:`ModalityData` (a private copy of the m
 codes, label codes), validated on the way by :mod:`diagvi.checks` (messages that name the
 modality, the field, what was expected and how to fix it; ``docs/input_checks.md`` lists every
 check). Training pairs the two modalities: one minibatch is ``{"rna": {...}, "protein": {...}}``.
+An AnnData opened with ``backed="r"`` stays on disk (:mod:`diagvi.stream`): its rows are read
+chunk by chunk, and the sampler shuffles chunks rather than single cells.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from diagvi.checks import (  # check_adatas: also imported from here by diagvi.m
     handle_empty,
 )
 from diagvi.errors import DataError
+from diagvi.stream import BackedMatrix, chunk_shuffle
 
 UNLABELED = -1  # label code of an unlabelled cell
 EMPTY_POLICIES = ("warn", "drop", "error")
@@ -87,10 +90,14 @@ class ModalitySetup:
 
 @dataclass
 class ModalityData:
-    """One modality ready for training: matrix, codes and names (never the user's objects)."""
+    """One modality ready for training: matrix, codes and names (never the user's objects).
+
+    ``X`` is a private copy in memory, or a :class:`~diagvi.stream.BackedMatrix` reading the
+    user's ``.h5ad`` file.
+    """
 
     name: str
-    X: np.ndarray | sp.csr_matrix
+    X: np.ndarray | sp.csr_matrix | BackedMatrix
     batch: np.ndarray
     labels: np.ndarray
     obs_names: pd.Index
@@ -112,8 +119,11 @@ class ModalityData:
 
     def rows(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """The minibatch of cells ``idx`` as dense tensors."""
-        x = self.X[idx]
-        x = x.toarray() if sp.issparse(x) else np.asarray(x)
+        if isinstance(self.X, BackedMatrix):
+            x = self.X.read(idx)
+        else:
+            x = self.X[idx]
+            x = x.toarray() if sp.issparse(x) else np.asarray(x)
         return {
             "x": torch.from_numpy(x),
             "batch": torch.from_numpy(self.batch[idx]),
@@ -297,6 +307,10 @@ class PairedSampler:
     minibatches and keeps every ``num_replicas``-th one, starting at its ``rank``, so ranks see
     disjoint cells. A rank left one short repeats the epoch's first minibatches, so that every
     rank runs the same number of steps (as torch's ``DistributedSampler`` pads).
+
+    A modality read from disk is shuffled by chunks (``chunks[modality] = (chunk_rows,
+    buffer_chunks)``, :func:`diagvi.stream.chunk_shuffle`): each of its permutations visits the
+    file chunk by chunk and mixes cells within buffers of chunks.
     """
 
     def __init__(
@@ -307,9 +321,11 @@ class PairedSampler:
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        chunks: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must lie in [0, num_replicas={num_replicas}), got {rank}")
+        self.chunks = dict(chunks or {})
         self.indices = {k: np.asarray(v) for k, v in indices.items()}
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
         self.num_replicas, self.rank = num_replicas, rank
@@ -340,14 +356,21 @@ class PairedSampler:
         if len(mine) < len(self):
             yield first[self.rank - (n % self.num_replicas)]
 
-    def _stream(self, idx: np.ndarray, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    def _stream(self, name: str, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """Successive orders of modality ``name``'s cells."""
+        idx = self.indices[name]
         while True:
-            yield rng.permutation(idx) if self.shuffle else idx
+            if not self.shuffle:
+                yield idx
+            elif name in self.chunks:
+                yield chunk_shuffle(idx, *self.chunks[name], rng)
+            else:
+                yield rng.permutation(idx)
 
     def _global(self) -> Iterator[dict[str, np.ndarray]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        lead = next(self._stream(self.indices[self.lead], rng))
-        others = {k: self._stream(v, rng) for k, v in self.indices.items() if k != self.lead}
+        lead = next(self._stream(self.lead, rng))
+        others = {k: self._stream(k, rng) for k in self.indices if k != self.lead}
         buffers = {k: np.empty(0, dtype=np.int64) for k in others}
         for start in range(0, len(lead), self.batch_size):
             batch = {self.lead: lead[start : start + self.batch_size]}
@@ -380,8 +403,13 @@ def paired_loader(
     rank: int = 0,
 ) -> DataLoader:
     """A DataLoader over :class:`PairedSampler` minibatches (no collation needed); this rank's
-    share of them in distributed training."""
-    sampler = PairedSampler(indices, batch_size, shuffle, seed, num_replicas, rank)
+    share of them in distributed training. Modalities on disk are shuffled by chunks."""
+    chunks = {
+        k: (d.X.chunk_rows, d.X.buffer_chunks)
+        for k, d in data.items()
+        if isinstance(d.X, BackedMatrix)
+    }
+    sampler = PairedSampler(indices, batch_size, shuffle, seed, num_replicas, rank, chunks)
     return DataLoader(
         PairedDataset(data),
         sampler=sampler,

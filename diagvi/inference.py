@@ -1,14 +1,25 @@
-"""Inference over all cells of a modality, in order, in minibatches (no gradients)."""
+"""Inference over all cells of a modality, in order, in minibatches (no gradients).
+
+Cells are read in row order, so data on disk (:mod:`diagvi.stream`) are read sequentially,
+chunk by chunk. With ``out=`` a result is written to an ``.npy`` file minibatch by minibatch
+and returned as a read-only memmap, so it is never held in memory.
+"""
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from diagvi.data import ModalityData
+from diagvi.metrics import knn
 from diagvi.module import DiagVAE
+from diagvi.stream import row_writer
+
+# a kNN block (query rows x reference rows) holds at most this many float32 distances (64 MB)
+KNN_BLOCK_ENTRIES = 2**24
 
 
 def _inference(fn):
@@ -29,16 +40,24 @@ def _inference(fn):
 
 @_inference
 def latent_representation(
-    module: DiagVAE, data: ModalityData, batch_size: int = 1024, give_mean: bool = True
+    module: DiagVAE,
+    data: ModalityData,
+    batch_size: int = 1024,
+    give_mean: bool = True,
+    out: str | Path | None = None,
 ) -> np.ndarray:
-    """Posterior mean (or one sample) of ``z`` for every cell of ``data``, in row order."""
+    """Posterior mean (or one sample) of ``z`` for every cell of ``data``, in row order.
+
+    ``out``: an ``.npy`` path to write the result to as it is computed (returned as a
+    read-only memmap); ``None`` returns an in-memory array.
+    """
     device = next(module.parameters()).device
-    out = []
+    writer = row_writer(out, data.n_obs)
     for idx in _minibatches(data.n_obs, batch_size):
         rows = data.rows(idx)
         qz = module.encode(data.name, rows["x"].to(device))
-        out.append((qz.loc if give_mean else qz.sample()).cpu().numpy())
-    return np.concatenate(out)
+        writer.write((qz.loc if give_mean else qz.sample()).cpu().numpy())
+    return writer.result()
 
 
 def _minibatches(n: int, batch_size: int):
@@ -60,23 +79,60 @@ def imputed_values(
     batch: np.ndarray,
     library: np.ndarray,
     batch_size: int = 1024,
+    out: str | Path | None = None,
 ) -> np.ndarray:
     """Mean of ``p(x_target | z)`` for the source cells, ``z`` their posterior mean.
 
     The source cells are encoded by the source modality's encoder; ``z`` is decoded by the
     *target* modality's decoder and likelihood with the target's mean feature embeddings
     (computed once), batch codes ``batch`` and library sizes ``library`` (one per cell).
+    ``out``: an ``.npy`` path to write the result to as it is computed (read-only memmap).
     """
     device = next(module.parameters()).device
     v = feature_embeddings(module).to(device)
-    out = []
+    writer = row_writer(out, source.n_obs)
     for idx in _minibatches(source.n_obs, batch_size):
         x = source.rows(idx)["x"].to(device)
         z = module.encode(source.name, x).loc
         b = torch.as_tensor(batch[idx], dtype=torch.long, device=device)
         lib = torch.as_tensor(library[idx], dtype=torch.float32, device=device).unsqueeze(-1)
-        out.append(module.decode(target, z, v, b, lib).mean.cpu().numpy())
-    return np.concatenate(out)
+        writer.write(module.decode(target, z, v, b, lib).mean.cpu().numpy())
+    return writer.result()
+
+
+def knn_imputed_values(
+    z_source: np.ndarray,
+    z_target: np.ndarray,
+    target: ModalityData,
+    library: np.ndarray | None,
+    k: int = 15,
+    batch_size: int = 1024,
+    out: str | Path | None = None,
+    candidates: np.ndarray | None = None,
+) -> np.ndarray:
+    """The measured target values of each source cell's ``k`` nearest target cells, averaged.
+
+    Neighbours are found in the joint latent space (``z_source`` among ``z_target``, rows of
+    ``target``). With ``library`` (count data), each neighbour's profile is divided by its
+    total count first and the mean is scaled to the cell's ``library``:
+    ``hat x_i = library_i / k * sum_{j in N_k(i)} x_j / sum(x_j)``; without, the values are
+    averaged as they are. ``candidates``: the target rows allowed as neighbours (default all).
+    Neighbour rows are read ``batch_size`` source cells at a time, so backed target data stay
+    on disk.
+    """
+    if candidates is None:
+        neighbours = knn(z_source, z_target, k=k)
+    else:
+        neighbours = candidates[knn(z_source, z_target[candidates], k=k)]
+    writer = row_writer(out, len(z_source))
+    for idx in _minibatches(len(z_source), batch_size):
+        rows, inverse = np.unique(neighbours[idx], return_inverse=True)
+        x = target.rows(rows)["x"].numpy().astype(np.float64)
+        if library is not None:
+            x = x / np.maximum(x.sum(1, keepdims=True), 1e-12)
+        mean = x[inverse.reshape(len(idx), -1)].mean(1)
+        writer.write((mean if library is None else mean * library[idx, None]).astype(np.float32))
+    return writer.result()
 
 
 @_inference
@@ -120,19 +176,23 @@ def knn_probabilities(
     query: np.ndarray,
     n_labels: int,
     k: int = 15,
-    chunk: int = 1024,
+    chunk: int | None = None,
 ) -> np.ndarray:
     """Fraction of each class among the ``k`` nearest reference points of every query point.
 
-    Euclidean distances by :func:`torch.cdist`, ``chunk`` query points at a time.
+    Euclidean distances by :func:`torch.cdist`, ``chunk`` query points at a time; by default
+    1024, fewer when the reference is so large that a block would pass
+    :data:`KNN_BLOCK_ENTRIES` distances (memory stays bounded; time grows as query x reference).
     """
     ref = torch.as_tensor(reference, dtype=torch.float32)
     lab = torch.as_tensor(labels, dtype=torch.long)
     k = min(k, len(ref))
-    out = []
+    if chunk is None:
+        chunk = max(1, min(1024, KNN_BLOCK_ENTRIES // max(len(ref), 1)))
+    out = np.empty((len(query), n_labels), dtype=np.float64)
     for idx in _minibatches(len(query), chunk):
-        q = torch.as_tensor(query[idx], dtype=torch.float32)
+        q = torch.as_tensor(np.asarray(query[idx]), dtype=torch.float32)
         nearest = torch.cdist(q, ref).topk(k, largest=False).indices
         votes = torch.nn.functional.one_hot(lab[nearest], n_labels).sum(1)
-        out.append((votes.double() / k).numpy())
-    return np.concatenate(out)
+        out[idx] = (votes.double() / k).numpy()
+    return out

@@ -13,6 +13,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+# points drawn per panel: a random subset beyond this (millions of dots draw slowly, show no more)
+MAX_POINTS = 200_000
+
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
     """First two principal components of ``x`` (rows are cells)."""
@@ -47,7 +50,8 @@ def plot_joint_embedding(
         )
         panels.append(("label", np.where(pd.isna(lab), "unlabelled", lab).astype(str)))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
-    order = np.random.default_rng(0).permutation(len(xy))  # no modality drawn on top of the other
+    # no modality drawn on top of the other; at most MAX_POINTS drawn (the PCA uses all)
+    order = np.random.default_rng(0).permutation(len(xy))[:MAX_POINTS]
     for ax, (title, values) in zip(axes[0], panels, strict=True):
         for category in np.unique(values):
             keep = order[values[order] == category]

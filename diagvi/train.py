@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -322,6 +323,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Raises ``FloatingPointError`` when the objective is not finite (a diverged run) and, in a
     sweep, ``optuna.TrialPruned`` after writing the outputs of a pruned trial.
     """
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
     objective = objective_name(cfg)

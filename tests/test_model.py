@@ -257,3 +257,26 @@ def test_validation_runs_with_early_stopping_or_when_asked():
         check_val_every_n_epoch=1,
     )
     assert "val/loss" in h.columns and np.isfinite(h["val/loss"]).all()
+
+
+def test_knn_imputation_averages_measured_neighbours(trained):
+    model, adatas, _ = trained
+    protein = adatas["protein"]
+    imputed = model.get_imputed_values("rna", method="knn", target_libsize=500.0, n_neighbors=5)
+    assert imputed.shape == (adatas["rna"].n_obs, protein.n_vars)
+    assert (imputed >= 0).all()
+    np.testing.assert_allclose(imputed.sum(1), 500.0, rtol=1e-4)  # profiles on the library
+    # each imputed profile is the mean of 5 measured, depth-normalised protein profiles
+    profiles = protein.X / protein.X.sum(1, keepdims=True)
+    z = model.get_latent_representation()
+    dist = ((z["rna"][:3, None] - z["protein"][None]) ** 2).sum(-1)
+    for i, row in enumerate(np.argsort(dist, 1)[:, :5]):
+        np.testing.assert_allclose(imputed[i], 500.0 * profiles[row].mean(0), rtol=1e-3)
+    # one target batch: neighbours only among that batch's cells
+    in_b1 = model.get_imputed_values("rna", method="knn", target_batch="b1", n_neighbors=5)
+    b1 = np.flatnonzero(protein.obs["batch"].to_numpy() == "b1")
+    nearest_b1 = b1[np.argsort(dist[:, b1], 1)[:, :5]]
+    lib = np.median(protein.X.sum(1))  # default library: the target's median
+    np.testing.assert_allclose(in_b1[:3], lib * profiles[nearest_b1].mean(1), rtol=1e-3)
+    with pytest.raises(ValueError, match="method"):
+        model.get_imputed_values("rna", method="nearest")

@@ -78,22 +78,38 @@ def load_demo() -> tuple[dict[str, ad.AnnData], pd.DataFrame]:
     return adatas, mapping
 
 
-def load_h5ad(paths: dict[str, str | Path]) -> tuple[dict[str, ad.AnnData], None]:
+def load_h5ad(
+    paths: dict[str, str | Path], backed: bool | str = "auto", backed_limit_gb: float = 2.0
+) -> tuple[dict[str, ad.AnnData], None]:
     """Read one ``.h5ad`` per modality; the error names a path that does not exist.
 
     Parameters
     ----------
     paths
         ``{modality name: path}``.
+    backed
+        ``True``: open every file with ``backed="r"``, so its matrix stays on disk and
+        training reads it chunk by chunk (:mod:`diagvi.stream`; X must be CSR or dense).
+        ``False``: load into memory. ``"auto"``: open backed the files larger than
+        ``backed_limit_gb``.
+    backed_limit_gb
+        File size (GB, 10**9 bytes) above which ``backed="auto"`` keeps a file on disk.
+        Reading a file into memory takes about twice its size (the AnnData and the float32
+        copy training uses).
 
     Returns
     -------
     ``({modality: AnnData}, None)``; the guidance table comes from ``data.mapping_path``.
     """
+    if backed not in (True, False, "auto"):
+        raise ValueError(f"backed must be true, false or auto, got {backed!r}")
     adatas = {}
     for name, path in paths.items():
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"modality {name!r}: no such file {str(path)!r}")
-        adatas[name] = ad.read_h5ad(path)
+        on_disk = backed is True or (
+            backed == "auto" and path.stat().st_size > backed_limit_gb * 1e9
+        )
+        adatas[name] = ad.read_h5ad(path, backed="r" if on_disk else None)
     return adatas, None

@@ -41,12 +41,20 @@ def main(in_dir: Path, out_dir: Path) -> None:
     with Timer() as timer:
         history = model.train(**train_kwargs)
     latents = model.get_latent_representation()
-    imputed = None
-    if config.get("impute"):
-        imputed = model.get_imputed_values(source_name=config["impute"][0])
+    imputed = decoded = None
+    if config.get("impute"):  # kNN in the joint space, as the baseline; the decoder apart
+        imputed = model.get_imputed_values(source_name=config["impute"][0], method="knn")
+        decoded = model.get_imputed_values(source_name=config["impute"][0])
     epochs = len(history) if history is not None else config["epochs"]
     write_outputs(
-        out_dir, latents, imputed, timer.seconds, epochs, rss_before, f"diagvi {diagvi.__version__}"
+        out_dir,
+        latents,
+        imputed,
+        timer.seconds,
+        epochs,
+        rss_before,
+        f"diagvi {diagvi.__version__}",
+        imputed_decoder=decoded,
     )
 
 

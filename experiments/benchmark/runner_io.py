@@ -69,8 +69,11 @@ def write_outputs(
     epochs: int,
     rss_before_mb: float,
     version: str,
+    imputed_decoder: np.ndarray | None = None,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    if imputed_decoder is not None:  # diagvi: its decoder's imputation, scored apart
+        np.save(out_dir / "imputed_decoder.npy", np.asarray(imputed_decoder, dtype=np.float32))
     for m, z in latents.items():
         np.save(out_dir / f"latent_{m}.npy", np.asarray(z, dtype=np.float32))
     if imputed is not None:

@@ -23,6 +23,8 @@ METRICS: dict[str, tuple[bool, str]] = {
     "nc_mean": (True, "neighbourhood conservation, mean over modalities"),
     "impute_pearson": (True, "imputation, mean per-feature Pearson (paired data)"),
     "impute_spearman": (True, "imputation, mean per-feature Spearman (paired data)"),
+    "impute_decoder_pearson": (True, "diagvi's decoder imputation, mean per-feature Pearson"),
+    "impute_decoder_spearman": (True, "diagvi's decoder imputation, mean per-feature Spearman"),
 }
 
 
@@ -37,6 +39,7 @@ def evaluate(
     latents: dict[str, np.ndarray],
     before: dict[str, np.ndarray],
     imputed: np.ndarray | None = None,
+    imputed_decoder: np.ndarray | None = None,
     k: int = K,
 ) -> dict[str, float]:
     """Every metric that ``ds`` supports (see :data:`METRICS`) for one run.
@@ -52,6 +55,8 @@ def evaluate(
     imputed
         Target-modality values for every source cell of ``ds.impute`` (any per-cell scale:
         it is log-normalised like the measured counts), or None.
+    imputed_decoder
+        A second imputation scored as ``impute_decoder_*`` (diagvi's decoder), or None.
     """
     a, b = ds.modalities
     out: dict[str, float] = {}
@@ -91,10 +96,13 @@ def evaluate(
         var = ds.adatas[target].var_names
         cols = var.get_indexer(features)
         measured = log_normalise(dense(ds.adatas[target].layers["counts"]))
-        predicted = log_normalise(np.asarray(imputed, dtype=np.float64))
-        scores = metrics.imputation_scores(
-            predicted[ds.pairs[:, src_col]][:, cols], measured[ds.pairs[:, tgt_col]][:, cols]
-        )
-        out["impute_pearson"] = scores["pearson"]
-        out["impute_spearman"] = scores["spearman"]
+        for prefix, values in (("impute", imputed), ("impute_decoder", imputed_decoder)):
+            if values is None:
+                continue
+            predicted = log_normalise(np.asarray(values, dtype=np.float64))
+            scores = metrics.imputation_scores(
+                predicted[ds.pairs[:, src_col]][:, cols], measured[ds.pairs[:, tgt_col]][:, cols]
+            )
+            out[f"{prefix}_pearson"] = scores["pearson"]
+            out[f"{prefix}_spearman"] = scores["spearman"]
     return out
