@@ -39,6 +39,9 @@ __all__ = [
 
 Param = torch.Tensor | float
 _NO_SHAPE = torch.Size()
+# the NB log-pmf uses the sparse path below this fraction of nonzero entries (measured:
+# 2.4x faster at 3-10 %, equal at about 30 %, 1.7x slower at 55 %)
+_SPARSE_ENOUGH = 0.25
 
 
 def _nb_log_prob(
@@ -53,15 +56,16 @@ def _nb_log_prob(
     ``eps`` is added inside every logarithm, so ``mu -> 0`` stays finite. Every term but the
     first vanishes where ``x = 0``, so they are computed on the nonzero entries only: count
     data are mostly zeros (scRNA-seq: often > 90%), and the log-gamma functions and their
-    digamma gradients are the expensive part of a training step on a CPU. On an accelerator,
-    where elementwise work is cheap and finding the nonzeros would synchronise with the host,
-    every entry is computed.
+    digamma gradients are the expensive part of a training step on a CPU. Every entry is
+    computed on an accelerator, where elementwise work is cheap and finding the nonzeros would
+    synchronise with the host, and for dense data (e.g. spatial spots): gathering and
+    scattering the nonzeros costs more than it saves above about 30 % nonzeros.
     """
     theta_log_theta = theta * torch.log(theta + eps)  # before broadcasting: often per feature
     x, mu, theta = torch.broadcast_tensors(x, mu, theta)
     log_theta_mu = torch.log(theta + mu + eps)
     out = theta_log_theta - theta * log_theta_mu
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.count_nonzero(x) > _SPARSE_ENOUGH * x.numel():
         return (
             out
             + x * (torch.log(mu + eps) - log_theta_mu)
