@@ -162,6 +162,7 @@ class DIAGVI:
             ),
             encoder=a["encoder"],
         )
+        self.module.fit_linked_view(data)
         self.adatas, self.data, self.spec, self.init_args = adatas, data, spec, init_args
         self.setups = {m: setups[m] for m in data}
         self.history: pd.DataFrame | None = None

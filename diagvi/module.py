@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Distribution, Normal
 
-from diagvi.data import DataSpec
+from diagvi.data import DataSpec, ModalityData
+from diagvi.linked import LinkedView
 from diagvi.nn import BilinearDecoder, Encoder
 
 Batch = Mapping[str, Mapping[str, torch.Tensor]]
@@ -85,10 +87,7 @@ class DiagVAE(nn.Module):
         self.classifier = (
             classifier(n_latent, spec.n_labels) if classifier and spec.n_labels else None
         )
-        for key, value in zip(
-            ("link_a", "link_b", "link_scale"), linked_pairs(spec.graph), strict=True
-        ):
-            self.register_buffer(key, value, persistent=False)
+        self.linked = LinkedView(spec.graph)
 
     def feature_embedding(self, name: str, v: torch.Tensor) -> torch.Tensor:
         start, stop = self.node_ranges[name]
@@ -103,20 +102,27 @@ class DiagVAE(nn.Module):
         return self.likelihood[name].transform(x, x.sum(-1, keepdim=True))
 
     def linked_features(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each cross-modal edge's feature, z-scored within the minibatch, one column per edge.
+        """Each modality's cells in the guidance graph's shared coordinates (:mod:`diagvi.linked`).
 
-        Column ``e`` of the first modality is its end of edge ``e``, of the second modality the
-        other end times the edge's sign; both are scaled by ``sqrt(weight)``, so squared
-        distances between the two modalities' rows weigh edges by their weight. This is the
-        model-free view of the cells that the guidance graph gives (a joint PCA of it is the
-        naive baseline); the alignment may use it to decide which cells to match.
+        The model-free view of the cells that the graph gives (a joint PCA of the linked
+        features, fitted by :meth:`fit_linked_view`); the alignment uses it to decide which
+        cells to match.
         """
-        out = {}
+        return {name: self.linked(side, inputs[name]) for side, name in enumerate(self.node_ranges)}
+
+    @torch.no_grad()
+    def fit_linked_view(
+        self, data: Mapping[str, ModalityData], max_cells: int = 10_000, seed: int = 0
+    ) -> None:
+        """Fit :attr:`linked` on the encoder inputs of up to ``max_cells`` cells per modality."""
+        rng = np.random.default_rng(seed)
+        inputs = {}
         for side, name in enumerate(self.node_ranges):
-            h = inputs[name][:, self.link_b if side else self.link_a]
-            h = (h - h.mean(0)) / h.std(0).clamp_min(1e-6) if len(h) > 1 else h * 0.0
-            out[name] = h * self.link_scale[side]
-        return out
+            n = data[name].n_obs
+            idx = np.arange(n) if n <= max_cells else np.sort(rng.choice(n, max_cells, False))
+            x = data[name].rows(idx)["x"].float()
+            inputs[side] = self.transform(name, x)
+        self.linked.fit(inputs, seed=seed)
 
     def decode(
         self,
@@ -148,16 +154,15 @@ class DiagVAE(nn.Module):
         reflection or a permutation of clusters fits the graph's loss on ``v`` equally well).
         """
         names = list(self.node_ranges)
-        index = {names[0]: self.link_a, names[1]: self.link_b}
-        weight = self.link_scale[0].square()
-        sign = self.link_scale[1] / self.link_scale[0]
+        view = self.linked
+        index = {names[0]: view.index_a, names[1]: view.index_b}
         terms = {}
         for side, name in enumerate(names):
             other = names[1 - side]
-            predicted = z[name] @ self.feature_embedding(other, v)[index[other]].T
-            measured = inputs[name][:, index[name]] * sign
-            if len(measured) > 1:
-                terms[f"link/{name}"] = _weighted_correlation_loss(predicted, measured, weight)
+            if len(inputs[name]) > 1:
+                v_edges = self.feature_embedding(other, v)[index[other]]
+                corr = edge_correlations(z[name], v_edges, inputs[name], index[name]) * view.sign
+                terms[f"link/{name}"] = (view.weight * (1.0 - corr)).sum() / view.weight.sum()
         return terms
 
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -187,23 +192,22 @@ class DiagVAE(nn.Module):
         return terms
 
 
-def _weighted_correlation_loss(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum_e w_e (1 - corr(a_e, b_e)) / sum_e w_e``, correlations over rows, per column."""
-    a, b = a - a.mean(0), b - b.mean(0)
-    corr = (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-8)
-    return (w * (1.0 - corr)).sum() / w.sum()
+def edge_correlations(
+    z: torch.Tensor, v_edges: torch.Tensor, x: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """Correlation over cells between ``z @ v_edges[e]`` and ``x[:, index[e]]``, per edge ``e``.
 
-
-def linked_pairs(graph) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-modal edges of ``graph`` as feature indices within each modality.
-
-    Returns ``(index_a, index_b, scale)``: edge ``e`` links feature ``index_a[e]`` of the first
-    modality to feature ``index_b[e]`` of the second; ``scale[0]`` is ``sqrt(weight)`` and
-    ``scale[1]`` is ``sign * sqrt(weight)`` per edge (each undirected edge once).
+    From moments, without forming the ``cells x edges`` matrices: with ``zc`` the centred
+    ``z``, the covariance is ``v_e . (zc^T x)[:, index_e]``, the predicted variance
+    ``v_e^T (zc^T zc) v_e`` and the measured one the column's ``sum x^2 - n mean^2``. ``x``
+    is data (no gradient).
     """
-    (a0, a1), (b0, b1) = list(graph.node_ranges.values())
-    row, col = graph.edge_index
-    keep = (row >= a0) & (row < a1) & (col >= b0) & (col < b1)
-    weight = graph.edge_weight[keep].float().sqrt()
-    sign = graph.edge_sign[keep].float()
-    return row[keep] - a0, col[keep] - b0, torch.stack([weight, sign * weight])
+    zc = z - z.mean(0)
+    cross = (zc.T @ x.to(zc.dtype))[:, index]
+    covariance = (v_edges * cross.T).sum(1)
+    predicted = ((v_edges @ (zc.T @ zc)) * v_edges).sum(1)
+    with torch.no_grad():
+        x = x.to(zc.dtype)
+        measured = (x.square().sum(0) - len(x) * x.mean(0).square())[index]
+    scale = predicted.clamp_min(1e-12).sqrt() * measured.clamp_min(0.0).sqrt()
+    return covariance / scale.clamp_min(1e-8)

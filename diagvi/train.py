@@ -16,6 +16,7 @@ import math
 import platform
 import subprocess
 import time
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from diagvi import outputs
 from diagvi.checkpoint import AtomicCheckpointIO, resolve_ckpt_path
-from diagvi.data import DataSpec, ModalitySetup, PairedDataModule, read_modalities
+from diagvi.data import (
+    DataSpec,
+    ModalityData,
+    ModalitySetup,
+    PairedDataModule,
+    read_modalities,
+)
 from diagvi.errors import DataError
 from diagvi.graph import build_guidance_graph
 from diagvi.io import atomic_write
@@ -119,8 +126,15 @@ def build_datamodule(cfg: DictConfig) -> tuple[PairedDataModule, DataSpec, dict]
     return dm, spec, adatas
 
 
-def build_model(cfg_model: DictConfig, spec: DataSpec) -> DiagVILightning:
-    """DiagVAE from the component config groups, wrapped in the LightningModule."""
+def build_model(
+    cfg_model: DictConfig, spec: DataSpec, data: Mapping[str, ModalityData] | None = None
+) -> DiagVILightning:
+    """DiagVAE from the component config groups, wrapped in the LightningModule.
+
+    ``data``: the modalities its guidance graph's linked view is fitted on (see
+    :meth:`~diagvi.module.DiagVAE.fit_linked_view`); without it the view standardises each
+    minibatch on its own.
+    """
     module = DiagVAE(
         spec,
         n_latent=cfg_model.n_latent,
@@ -131,6 +145,8 @@ def build_model(cfg_model: DictConfig, spec: DataSpec) -> DiagVILightning:
         classifier=instantiate(cfg_model.classifier) if cfg_model.get("classifier") else None,
         encoder=OmegaConf.to_container(cfg_model.encoder),
     )
+    if data is not None:
+        module.fit_linked_view(data)
     weights = {k: float(cfg_model[k]) for k in DEFAULT_WEIGHTS}
     return DiagVILightning(
         module,
@@ -359,7 +375,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         dm, spec, adatas = build_datamodule(cfg)
-        lit = build_model(cfg.model, spec)
+        lit = build_model(cfg.model, spec, dm.data)
         trial = open_trial(cfg) if writer else None
         if trial_callback is not None:
             trial_callback.trial = trial

@@ -802,3 +802,17 @@ def test_diagvae_terms_stay_float32_under_bfloat16_autocast(synthetic_spec):
         assert value.dtype == torch.float32 and torch.isfinite(value), name
         # bfloat16 keeps ~3 significant digits in the layers; the terms stay close
         assert float(value) == pytest.approx(float(full[name]), rel=0.1, abs=0.05), name
+
+
+def test_graph_loss_shared_partners_estimate_the_mean_over_all_nodes():
+    # with many shared partners the negative term is n_negative times each edge's mean BCE
+    # against a uniformly drawn node: the exact value is the mean over all nodes
+    torch.manual_seed(0)
+    v = torch.randn(7, 3)
+    edge_index = torch.tensor([[0, 1, 2, 2], [3, 4, 5, 6]])
+    w, s = torch.tensor([1.0, 0.5, 1.0, 0.25]), torch.ones(4)
+    positive = graph_loss(v, edge_index, w, s, n_negative=0)
+    sampled = graph_loss(v, edge_index, w, s, 3, torch.Generator().manual_seed(0), 200_000)
+    exact_negative = F.softplus(v[edge_index[0]] @ v.T).mean(1)
+    exact = positive + 3 * (w * exact_negative).sum() / w.sum()
+    torch.testing.assert_close(sampled, exact, rtol=5e-3, atol=0)

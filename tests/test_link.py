@@ -11,7 +11,8 @@ import torch
 import diagvi  # noqa: F401  (fills the registries)
 from diagvi.components.alignment import UnbalancedSinkhorn
 from diagvi.graph import build_guidance_graph
-from diagvi.module import _weighted_correlation_loss, linked_pairs
+from diagvi.linked import linked_pairs
+from diagvi.module import edge_correlations
 
 
 def small_graph():
@@ -41,15 +42,25 @@ def test_linked_pairs_are_the_mapping_rows():
     assert signs == {(1, 0): 1.0, (2, 1): 1.0, (3, 1): -1.0}
 
 
-def test_correlation_loss_bounds_and_weights():
+def test_edge_correlations_equal_the_direct_formula():
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(64, 3, generator=g)
-    w = torch.tensor([1.0, 1.0, 2.0])
-    assert float(_weighted_correlation_loss(a, 3 * a + 1, w)) == pytest.approx(0.0, abs=1e-6)
-    assert float(_weighted_correlation_loss(a, -a, w)) == pytest.approx(2.0, abs=1e-6)
-    flipped = a.clone()
-    flipped[:, 2] = -a[:, 2]  # only the weight-2 column disagrees: 2 * 2 / 4
-    assert float(_weighted_correlation_loss(a, flipped, w)) == pytest.approx(1.0, abs=1e-6)
+    z = torch.randn(64, 3, generator=g)
+    v_edges = torch.randn(4, 3, generator=g)
+    x = torch.rand(64, 6, generator=g)
+    x[:, 5] = 0.7  # a constant feature: correlation 0, not NaN
+    index = torch.tensor([0, 2, 2, 5])
+    corr = edge_correlations(z, v_edges, x, index)
+    predicted, measured = (z @ v_edges.T).numpy(), x[:, index].numpy()
+    expected = [np.corrcoef(predicted[:, e], measured[:, e])[0, 1] for e in range(3)]
+    np.testing.assert_allclose(corr[:3].numpy(), expected, atol=1e-5)
+    assert float(corr[3]) == pytest.approx(0.0, abs=1e-4)
+    # a feature that is an affine function of the prediction correlates +1 or -1
+    x2 = torch.cat([3 * (z @ v_edges[:1].T) + 1, -(z @ v_edges[1:2].T)], 1)
+    both = edge_correlations(z, v_edges[:2], x2, torch.tensor([0, 1]))
+    np.testing.assert_allclose(both.numpy(), [1.0, -1.0], atol=1e-5)
+    zg, vg = z.clone().requires_grad_(), v_edges.clone().requires_grad_()
+    edge_correlations(zg, vg, x, index).sum().backward()
+    assert torch.isfinite(zg.grad).all() and torch.isfinite(vg.grad).all()
 
 
 def test_link_consistency_prefers_the_orientation_the_graph_implies(synthetic_module):
