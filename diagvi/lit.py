@@ -27,7 +27,7 @@ DEFAULT_WEIGHTS = {
     "lam_kl": 0.1,
     "lam_graph": 15.0,
     "lam_link": 75.0,
-    "lam_sinkhorn": 85.0,
+    "lam_sinkhorn": 170.0,
     "lam_class": 5.0,
 }
 # what a training step does when a loss term is NaN or infinite

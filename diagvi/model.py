@@ -228,7 +228,7 @@ class DIAGVI:
         lam_kl: float = 0.1,
         lam_graph: float = 15.0,
         lam_link: float = 75.0,
-        lam_sinkhorn: float = 85.0,
+        lam_sinkhorn: float = 170.0,
         lam_class: float = 5.0,
         seed: int = 0,
         num_workers: int = 0,

@@ -49,7 +49,9 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> Normal:
         h = self.body(x)
         # float32 parameters also under mixed precision: the KL and the losses on z need them
-        return Normal(self.loc(h).float(), F.softplus(self.scale(h).float()) + _MIN_SCALE)
+        scale = F.softplus(self.scale(h).float()) + _MIN_SCALE
+        # positive by construction: the argument checks would cost a pass over both tensors
+        return Normal(self.loc(h).float(), scale, validate_args=False)
 
 
 class BilinearDecoder(nn.Module):
