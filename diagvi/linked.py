@@ -44,7 +44,7 @@ class LinkedView(nn.Module):
 
     Notes
     -----
-    Call :meth:`fit` once on (a sample of) each modality's encoder inputs; the statistics are
+    Call :meth:`fit` once on (a sample of) each modality's linked columns; the statistics are
     buffers, so they are saved and loaded with the model. Before :meth:`fit`, each column is
     standardised within the minibatch and the projection is the identity on the columns.
     """
@@ -104,19 +104,19 @@ class LinkedView(nn.Module):
         return (columns * self.scale[side]) @ self.loadings
 
     @torch.no_grad()
-    def fit(self, inputs: Mapping[int, torch.Tensor], seed: int = 0) -> LinkedView:
-        """Fit the standardisation and the joint PCA on each side's inputs (cells x features).
+    def fit(self, columns: Mapping[int, torch.Tensor], seed: int = 0) -> LinkedView:
+        """Fit the standardisation and the joint PCA on each side's :meth:`columns` of its inputs.
 
         Both modalities weigh equally in the PCA whatever their numbers of cells, so that the
         shared directions are not those of the larger one alone.
         """
         rows, scales = [], []
         for side in (0, 1):
-            columns = self.columns(side, inputs[side].float())
-            mean = columns.mean(0)
-            std = columns.std(0).nan_to_num(1.0).clamp_min(1e-6)
+            cols = columns[side].float()
+            mean = cols.mean(0)
+            std = cols.std(0).nan_to_num(1.0).clamp_min(1e-6)
             scales.append((mean, self.scale[side] / std))
-            rows.append((columns - mean) * scales[side][1] / len(columns) ** 0.5)
+            rows.append((cols - mean) * scales[side][1] / len(cols) ** 0.5)
         stacked = torch.cat(rows)
         k = self.n_components
         if min(stacked.shape) <= k + 10:

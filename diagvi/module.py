@@ -114,15 +114,22 @@ class DiagVAE(nn.Module):
     def fit_linked_view(
         self, data: Mapping[str, ModalityData], max_cells: int = 10_000, seed: int = 0
     ) -> None:
-        """Fit :attr:`linked` on the encoder inputs of up to ``max_cells`` cells per modality."""
+        """Fit :attr:`linked` on the encoder inputs of up to ``max_cells`` cells per modality.
+
+        Read 1,024 cells at a time, keeping only the linked columns, so that memory stays at
+        ``max_cells x edges`` whatever the number of features (or a backed file's size).
+        """
         rng = np.random.default_rng(seed)
-        inputs = {}
+        columns = {}
         for side, name in enumerate(self.node_ranges):
             n = data[name].n_obs
             idx = np.arange(n) if n <= max_cells else np.sort(rng.choice(n, max_cells, False))
-            x = data[name].rows(idx)["x"].float()
-            inputs[side] = self.transform(name, x)
-        self.linked.fit(inputs, seed=seed)
+            parts = []
+            for start in range(0, len(idx), 1024):
+                x = data[name].rows(idx[start : start + 1024])["x"].float()
+                parts.append(self.linked.columns(side, self.transform(name, x)))
+            columns[side] = torch.cat(parts)
+        self.linked.fit(columns, seed=seed)
 
     def decode(
         self,

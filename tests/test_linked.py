@@ -33,6 +33,12 @@ def inputs(seed: int = 0) -> dict[int, torch.Tensor]:
     return {0: torch.rand(40, 6, generator=g) * 3, 1: torch.rand(25, 4, generator=g) + 1}
 
 
+def fitted(n_components: int, data: dict[int, torch.Tensor] | None = None) -> LinkedView:
+    view = LinkedView(graph(), n_components=n_components)
+    data = inputs() if data is None else data
+    return view.fit({side: view.columns(side, x) for side, x in data.items()})
+
+
 def explicit(view: LinkedView, side: int, x: torch.Tensor, fit_x: torch.Tensor) -> torch.Tensor:
     """Gather the columns, standardise with the fitting data's statistics, project."""
     columns, fit_columns = view.columns(side, x), view.columns(side, fit_x)
@@ -41,9 +47,8 @@ def explicit(view: LinkedView, side: int, x: torch.Tensor, fit_x: torch.Tensor) 
 
 
 def test_fitted_map_equals_gather_standardise_project():
-    view = LinkedView(graph(), n_components=3)
     data = inputs()
-    view.fit(data)
+    view = fitted(3, data)
     assert bool(view.fitted)
     assert view.n_edges == 5 and view.n_components == 3
     for side in (0, 1):
@@ -56,7 +61,7 @@ def test_fitted_map_equals_gather_standardise_project():
 
 
 def test_components_are_the_balanced_joint_pca():
-    view = LinkedView(graph(), n_components=3).fit(inputs())
+    view = fitted(3)
     loadings = view.loadings
     torch.testing.assert_close(loadings.T @ loadings, torch.eye(3), atol=1e-5, rtol=0)
     # the variance of each component, averaged over the two modalities, is its eigenvalue,
@@ -78,13 +83,12 @@ def test_same_cells_in_both_modalities_get_the_same_coordinates():
     g = torch.Generator().manual_seed(0)
     cells = torch.rand(30, 3, generator=g)
     order = [list(mapping["a"]).index(n) for n in features["a"]]
-    view.fit({0: cells[:, order], 1: cells})
+    view.fit({0: view.columns(0, cells[:, order]), 1: view.columns(1, cells)})
     torch.testing.assert_close(view(0, cells[:, order]), view(1, cells), atol=1e-5, rtol=0)
 
 
 def test_fit_is_deterministic_and_saved_with_the_state():
-    one = LinkedView(graph(), n_components=3).fit(inputs())
-    two = LinkedView(graph(), n_components=3).fit(inputs())
+    one, two = fitted(3), fitted(3)
     for key, value in one.state_dict().items():
         torch.testing.assert_close(value, two.state_dict()[key])
     loaded = LinkedView(graph(), n_components=3)
@@ -104,6 +108,31 @@ def test_unfitted_view_standardises_each_minibatch():
 
 @pytest.mark.parametrize("n_components", [2, 50])
 def test_components_never_exceed_the_edges(n_components):
-    view = LinkedView(graph(), n_components=n_components).fit(inputs())
+    view = fitted(n_components)
     assert view.n_components == min(n_components, 5)
     assert view(0, inputs()[0]).shape == (40, view.n_components)
+
+
+def test_model_fits_its_view_in_chunks_on_a_sample():
+    from diagvi import DIAGVI
+    from diagvi.synthetic import make_synthetic_pair
+
+    adatas, mapping = make_synthetic_pair(n_cells=1500, n_genes=30, n_proteins=8, seed=0)
+    for adata in adatas.values():
+        DIAGVI.setup_anndata(adata, likelihood="nb")
+    model = DIAGVI(adatas, mapping_df=mapping, n_latent=4)
+    module = model.module
+    assert bool(module.linked.fitted)
+    # the same fit from all cells at once (1,500 <= 10,000: every cell is used)
+    direct = LinkedView(model.spec.graph)
+    columns = {}
+    for side, name in enumerate(module.node_ranges):
+        x = model.data[name].rows(np.arange(model.data[name].n_obs))["x"].float()
+        columns[side] = direct.columns(side, module.transform(name, x))
+    direct.fit(columns)
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(module.linked.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+    # a sample of fewer cells gives a view close to the full one
+    module.fit_linked_view(model.data, max_cells=600, seed=1)
+    agreement = (module.linked.loadings[:, :2] * direct.loadings[:, :2]).sum(0).abs()
+    assert bool((agreement > 0.9).all())
