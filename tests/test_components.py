@@ -587,6 +587,24 @@ def test_classifier_logits_and_loss(name):
 
 
 @pytest.mark.parametrize("name", list(CLASSIFIERS))
+def test_classifier_ignores_the_latent_scale(name):
+    torch.manual_seed(0)
+    clf = CLASSIFIERS.build(name, N_LATENT, N_LABELS)
+    clf.head.apply(lambda m: m.eval())  # dropout off; the standardisation keeps batch stats
+    z = torch.randn(32, N_LATENT)
+    torch.testing.assert_close(clf(0.1 * z + 3.0), clf(z), atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="logit_scale"):
+        CLASSIFIERS.build(name, N_LATENT, N_LABELS, logit_scale=0.0)
+
+
+def test_classifier_needs_two_labelled_cells_in_training():
+    clf = CLASSIFIERS.build("linear", N_LATENT, N_LABELS)
+    z = torch.randn(4, N_LATENT, requires_grad=True)
+    assert float(clf.loss(z, torch.tensor([1, -1, -1, -1])).detach()) == 0.0
+    assert float(clf.eval().loss(z, torch.tensor([1, -1, -1, -1])).detach()) > 0.0
+
+
+@pytest.mark.parametrize("name", list(CLASSIFIERS))
 def test_classifier_all_unlabelled(name):
     clf = CLASSIFIERS.build(name, N_LATENT, N_LABELS)
     z = torch.randn(6, N_LATENT, requires_grad=True)

@@ -173,6 +173,17 @@ def test_knn_transfer_within_modality_beats_chance(trained):
     assert (out["predictions"] == truth["cell_type"].astype(str).to_numpy()).mean() > 0.5
 
 
+def test_classifier_learns_the_labelled_cells():
+    # the latent's scale is small (sd ~0.1); the classifier must still leave chance (0.25)
+    adatas, mapping = synthetic()
+    model = DIAGVI(adatas, mapping_df=mapping, n_latent=8)
+    model.train(max_epochs=30, accelerator="cpu", batch_size=64, early_stopping=False, seed=0)
+    out = model.predict_celltype("rna", "rna", method="classifier")
+    truth = make_synthetic_pair(n_cells=200, n_genes=40, n_proteins=10)[0]["rna"].obs
+    assert (out["predictions"] == truth["cell_type"].astype(str).to_numpy()).mean() > 0.8
+    assert out["confidence"].mean() > 0.5
+
+
 def test_predict_celltype_without_labels_raises():
     adatas, mapping = synthetic(labels=False)
     model = DIAGVI(adatas, mapping_df=mapping)

@@ -45,6 +45,10 @@ def main(in_dir: Path, out_dir: Path) -> None:
     if config.get("impute"):  # kNN in the joint space, as the baseline; the decoder apart
         imputed = model.get_imputed_values(source_name=config["impute"][0], method="knn")
         decoded = model.get_imputed_values(source_name=config["impute"][0])
+    source, target = config["modalities"]
+    predicted = None
+    if config["labels"][source] and model.module.classifier is not None:
+        predicted = model.predict_celltype(source, target, method="classifier")["predictions"]
     epochs = len(history) if history is not None else config["epochs"]
     write_outputs(
         out_dir,
@@ -55,6 +59,7 @@ def main(in_dir: Path, out_dir: Path) -> None:
         rss_before,
         f"diagvi {diagvi.__version__}",
         imputed_decoder=decoded,
+        predicted=predicted,
     )
 
 

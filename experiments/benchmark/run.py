@@ -91,7 +91,11 @@ def write_inputs(ds: datasets.BenchData, folder: Path) -> None:
 def run_model(
     python: str, script: str, in_dir: Path, out_dir: Path, config: dict
 ) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Run one runner in a subprocess; returns (stats, latents, {"primary"/"decoder": imputed})."""
+    """Run one runner in a subprocess.
+
+    Returns (stats, latents, outputs): ``outputs`` holds the imputations (``"primary"``,
+    ``"decoder"``) and the classifier's labels (``"predicted"``) that the runner wrote.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     (in_dir / "config.json").write_text(json.dumps(config, indent=2))
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
@@ -110,7 +114,11 @@ def run_model(
     latents = {m: np.load(out_dir / f"latent_{m}.npy") for m in config["modalities"]}
     imputed = {
         kind: np.load(out_dir / f"{name}.npy")
-        for kind, name in (("primary", "imputed"), ("decoder", "imputed_decoder"))
+        for kind, name in (
+            ("primary", "imputed"),
+            ("decoder", "imputed_decoder"),
+            ("predicted", "predicted"),
+        )
         if (out_dir / f"{name}.npy").exists()
     }
     return stats, latents, imputed
@@ -185,7 +193,12 @@ def main(argv=None) -> None:
                         stats, latents, imputed = run_model(python, script, in_dir, out_dir, config)
                         speed.append({"dataset": name, "method": method, "seed": seed, **stats})
                     scores = scoring.evaluate(
-                        ds, latents, before, imputed.get("primary"), imputed.get("decoder")
+                        ds,
+                        latents,
+                        before,
+                        imputed.get("primary"),
+                        imputed.get("decoder"),
+                        predicted=imputed.get("predicted"),
                     )
                 except Exception as err:  # one failed run must not stop the benchmark
                     failures.append(f"{name} / {method} / seed {seed}: {err}")

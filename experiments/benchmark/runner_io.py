@@ -12,7 +12,9 @@ Input folder: ``<modality>.h5ad`` (counts in ``layers["counts"]``, training labe
 
 (``init``/``train``: diagvi keyword overrides, ignored by the reference). Output folder:
 ``latent_<modality>.npy`` (posterior means), ``imputed.npy`` (target means for the source
-cells, when ``impute``) and ``stats.json`` (seconds, epochs, seconds per epoch, RSS in MB).
+cells, when ``impute``), ``predicted.npy`` (the model's own classifier's label for every cell
+of the second modality, when it has one) and ``stats.json`` (seconds, epochs, seconds per
+epoch, RSS in MB).
 """
 
 from __future__ import annotations
@@ -70,8 +72,11 @@ def write_outputs(
     rss_before_mb: float,
     version: str,
     imputed_decoder: np.ndarray | None = None,
+    predicted: np.ndarray | None = None,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    if predicted is not None:
+        np.save(out_dir / "predicted.npy", np.asarray(predicted, dtype=str))
     if imputed_decoder is not None:  # diagvi: its decoder's imputation, scored apart
         np.save(out_dir / "imputed_decoder.npy", np.asarray(imputed_decoder, dtype=np.float32))
     for m, z in latents.items():

@@ -15,6 +15,7 @@ METRICS: dict[str, tuple[bool, str]] = {
     "foscttm": (False, "FOSCTTM, mean of both directions (paired data)"),
     "transfer_accuracy": (True, "kNN label transfer, modality 0 -> 1, accuracy"),
     "transfer_macro_f1": (True, "kNN label transfer, modality 0 -> 1, macro-F1"),
+    "classifier_accuracy": (True, "the model's own classifier, modality 1's cells, accuracy"),
     "unshared_transfer": (False, "fraction of modality 1 transferred to a type it lacks"),
     "mixing_asw": (True, "modality mixing, 1 - |batch ASW| (scIB)"),
     "mixing_entropy": (True, "modality mixing, kNN entropy / global entropy"),
@@ -41,6 +42,7 @@ def evaluate(
     imputed: np.ndarray | None = None,
     imputed_decoder: np.ndarray | None = None,
     k: int = K,
+    predicted: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Every metric that ``ds`` supports (see :data:`METRICS`) for one run.
 
@@ -57,6 +59,9 @@ def evaluate(
         it is log-normalised like the measured counts), or None.
     imputed_decoder
         A second imputation scored as ``impute_decoder_*`` (diagvi's decoder), or None.
+    predicted
+        The model's own classifier's label for every cell of modality 1 (trained on
+        modality 0's labels), scored as ``classifier_accuracy``, or None.
     """
     a, b = ds.modalities
     out: dict[str, float] = {}
@@ -70,6 +75,8 @@ def evaluate(
         scores = metrics.label_transfer(latents[a][ka], la[ka], latents[b][kb], lb[kb], k=k)
         out["transfer_accuracy"] = scores["accuracy"]
         out["transfer_macro_f1"] = scores["macro_f1"]
+    if predicted is not None and kb.any():
+        out["classifier_accuracy"] = float(np.mean(np.asarray(predicted)[kb] == lb[kb]))
     if ds.missing_type is not None:
         out["unshared_transfer"] = metrics.unshared_transfer_fraction(
             latents[a][ka], la[ka], latents[b], ds.missing_type, k=k
