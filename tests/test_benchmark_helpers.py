@@ -108,7 +108,12 @@ def test_evaluate_perfect_embedding():
     assert out["nc_mean"] == 1.0 and out["graph_connectivity"] == 1.0
     assert out["celltype_asw"] > 0.9 and out["mixing_entropy"] > 0.9
     assert out["impute_pearson"] == pytest.approx(1.0)
+    assert "classifier_accuracy" not in out  # no classifier output given
     assert set(out) <= set(scoring.METRICS)
+    predicted = np.asarray(labels).copy()
+    predicted[:3] = "wrong"
+    scored = scoring.evaluate(ds, latents, before, predicted=predicted)
+    assert scored["classifier_accuracy"] == pytest.approx(1 - 3 / len(labels))
 
 
 @needs_shared

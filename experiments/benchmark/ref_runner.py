@@ -63,6 +63,10 @@ def main(in_dir: Path, out_dir: Path) -> None:
         imputed = model.get_imputed_values(
             query_name=source, reference_libsize=float(np.log(np.median(totals)))
         )
+    source, target = config["modalities"]
+    predicted = None
+    if config["labels"][source]:  # its semi-supervised classifier, as diagvi's
+        predicted = model.predict_celltype(source, target)["predictions"]
     epochs = model.trainer.current_epoch if hasattr(model, "trainer") else config["epochs"]
     write_outputs(
         out_dir,
@@ -72,6 +76,7 @@ def main(in_dir: Path, out_dir: Path) -> None:
         epochs,
         rss_before,
         f"scvi-tools {scvi.__version__}",
+        predicted=predicted,
     )
 
 
