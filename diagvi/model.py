@@ -86,6 +86,9 @@ class DIAGVI:
         Registered classifier used when labels exist; ``None`` for none.
     n_hidden, n_layers, dropout
         Encoder MLP.
+    seed
+        Seed of the initial weights (torch's global random state is left as it was); ``None``
+        draws them from the global state. Training has its own ``seed`` (:meth:`train`).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class DIAGVI:
         n_hidden: int = 256,
         n_layers: int = 2,
         dropout: float = 0.1,
+        seed: int | None = 0,
     ) -> None:
         adatas = check_adatas(adatas)
         setups = {}
@@ -127,7 +131,12 @@ class DIAGVI:
             "classifier_kwargs": dict(classifier_kwargs or {}),
             "encoder": {"n_hidden": n_hidden, "n_layers": n_layers, "dropout": dropout},
         }
-        self._build(adatas, setups, init_args, guidance_graph, mapping_df)
+        # the weights are drawn from their own stream: two models built with one seed are the
+        # same model, whatever else drew from torch's global RNG before
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self._build(adatas, setups, init_args, guidance_graph, mapping_df)
 
     # ------------------------------------------------------------------ construction
 

@@ -173,6 +173,25 @@ def test_knn_transfer_within_modality_beats_chance(trained):
     assert (out["predictions"] == truth["cell_type"].astype(str).to_numpy()).mean() > 0.5
 
 
+def test_same_seed_same_model_and_global_rng_untouched():
+    adatas, mapping = synthetic()
+    runs = []
+    for _ in range(2):
+        torch.rand(7)  # other draws from the global stream must not change the model
+        state = torch.get_rng_state()
+        model = DIAGVI(adatas, mapping_df=mapping, n_latent=8, seed=3)
+        assert torch.equal(torch.get_rng_state(), state)
+        weights = {k: v.clone() for k, v in model.module.state_dict().items()}
+        model.train(max_epochs=2, accelerator="cpu", batch_size=64, seed=5)
+        runs.append((weights, model.get_latent_representation()))
+    (first, latent_a), (second, latent_b) = runs
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    for m in latent_a:
+        np.testing.assert_array_equal(latent_a[m], latent_b[m])
+    other = DIAGVI(adatas, mapping_df=mapping, n_latent=8, seed=4).module.state_dict()
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+
+
 def test_classifier_learns_the_labelled_cells():
     # the latent's scale is small (sd ~0.1); the classifier must still leave chance (0.25)
     adatas, mapping = synthetic()
