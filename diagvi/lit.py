@@ -19,6 +19,7 @@ WEIGHT_OF_TERM = {
     "kl": "lam_kl",
     "graph": "lam_graph",
     "link": "lam_link",
+    "self": "lam_self",
     "align": "lam_sinkhorn",
     "cls": "lam_class",
 }
@@ -27,6 +28,7 @@ DEFAULT_WEIGHTS = {
     "lam_kl": 0.1,
     "lam_graph": 15.0,
     "lam_link": 75.0,
+    "lam_self": 25.0,
     "lam_sinkhorn": 170.0,
     "lam_class": 5.0,
 }
@@ -50,8 +52,8 @@ class DiagVILightning(L.LightningModule):
     module
         The model.
     weights
-        Loss weights ``lam_data``, ``lam_kl``, ``lam_graph``, ``lam_link``, ``lam_sinkhorn``,
-        ``lam_class``.
+        Loss weights ``lam_data``, ``lam_kl``, ``lam_graph``, ``lam_link``, ``lam_self``,
+        ``lam_sinkhorn``, ``lam_class``.
     lr, weight_decay
         Adam settings.
     nonfinite

@@ -237,6 +237,7 @@ class DIAGVI:
         lam_kl: float = 0.1,
         lam_graph: float = 15.0,
         lam_link: float = 75.0,
+        lam_self: float = 25.0,
         lam_sinkhorn: float = 170.0,
         lam_class: float = 5.0,
         seed: int = 0,
@@ -265,6 +266,7 @@ class DIAGVI:
             lam_kl=lam_kl,
             lam_graph=lam_graph,
             lam_link=lam_link,
+            lam_self=lam_self,
             lam_sinkhorn=lam_sinkhorn,
             lam_class=lam_class,
         )

@@ -172,6 +172,30 @@ class DiagVAE(nn.Module):
                 terms[f"link/{name}"] = (view.weight * (1.0 - corr)).sum() / view.weight.sum()
         return terms
 
+    def self_consistency(
+        self,
+        z: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, torch.Tensor],
+        v: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """``self/<m>``: every feature of modality ``m`` must co-vary with its own decoder.
+
+        The mean over ``m``'s features ``j`` of ``1 - corr(z v_j, x_j)`` across the cells,
+        with ``x`` the encoder input. The reconstruction likelihood alone, a small part of the
+        loss beside the alignment and the graph, leaves the embeddings of features without a
+        cross-modal edge (which :meth:`link_consistency` never sees) close to noise: the
+        decoder then imputes them no better than their mean (``experiments/alignment_defaults``,
+        sixth round). Like the ``link`` term, it is invariant to each feature's scale.
+        """
+        terms = {}
+        for name in self.node_ranges:
+            if len(inputs[name]) > 1:
+                own = self.feature_embedding(name, v)
+                index = torch.arange(len(own), device=own.device)
+                corr = edge_correlations(z[name], own, inputs[name], index)
+                terms[f"self/{name}"] = (1.0 - corr).mean()
+        return terms
+
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms of one paired minibatch."""
         qv = self.g2v()
@@ -195,6 +219,7 @@ class DiagVAE(nn.Module):
         with torch.autocast(v.device.type, enabled=False):
             terms.update({f"graph/{k}": t for k, t in self.g2v.loss(qv, v).items()})
             terms.update(self.link_consistency(zs, inputs, qv.loc))
+            terms.update(self.self_consistency(zs, inputs, qv.loc))
             terms["align"] = self.alignment(zs, self.linked_features(inputs))
         return terms
 

@@ -78,6 +78,28 @@ def test_link_consistency_prefers_the_orientation_the_graph_implies(synthetic_mo
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in zg.values())
 
 
+def test_self_consistency_is_zero_when_every_feature_follows_its_decoder(synthetic_module):
+    module, batch = synthetic_module
+    v = module.g2v().loc.detach()
+    g = torch.Generator().manual_seed(1)
+    z = {m: torch.randn(len(batch[m]["x"]), v.shape[1], generator=g) for m in module.names}
+    # each feature an affine function of its own decoder's prediction, different per feature
+    own = {m: module.feature_embedding(m, v) for m in module.names}
+    follows = {m: 3.0 * z[m] @ own[m].T + torch.linspace(-1, 1, len(own[m])) for m in own}
+    terms = module.self_consistency(z, follows, v)
+    assert set(terms) == {f"self/{m}" for m in module.names}
+    for value in terms.values():
+        assert float(value) == pytest.approx(0.0, abs=1e-4)
+    noise = {m: torch.rand(x.shape, generator=g) for m, x in follows.items()}
+    vg = v.clone().requires_grad_()
+    unrelated = module.self_consistency(z, noise, vg)
+    for value in unrelated.values():
+        assert 0.5 < float(value) < 1.5  # correlations near 0
+    sum(unrelated.values()).backward()
+    # every feature's embedding gets a gradient, linked to the other modality or not
+    assert (vg.grad.abs().sum(1) > 0).all()
+
+
 def test_feature_weight_changes_the_plan_not_the_gradient_path():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 3, generator=g, requires_grad=True)
