@@ -390,8 +390,9 @@ class DIAGVI:
         training cells in the joint latent space (depth-normalised, then scaled to the
         library size, for count likelihoods); ``target_batch``, when given, restricts the
         neighbours to that batch. It can only return profiles that were measured, but it
-        keeps every feature's own distribution; on the benchmark's CITE-seq pairs it
-        correlates better with the measured values (``experiments/benchmark/README.md``).
+        keeps every feature's own distribution; on the benchmark's pairs it correlates
+        better with the measured values (``experiments/benchmark/README.md``), most of all
+        for features without a cross-modal edge in the guidance graph.
 
         Parameters
         ----------
