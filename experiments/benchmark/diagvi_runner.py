@@ -28,7 +28,14 @@ def main(in_dir: Path, out_dir: Path) -> None:
             labels_key="cell_type" if config["labels"][m] else None,
             likelihood=config["likelihood"][m],
         )
-    model = DIAGVI(adatas, mapping_df=mapping, n_latent=config["n_latent"], **config["init"])
+    # the seed sets the initial weights too, as scvi.settings.seed does in the reference's runner
+    model = DIAGVI(
+        adatas,
+        mapping_df=mapping,
+        n_latent=config["n_latent"],
+        seed=config["seed"],
+        **config["init"],
+    )
     train_kwargs = {
         "max_epochs": config["epochs"],
         "batch_size": config["batch_size"],
