@@ -191,8 +191,7 @@ class DiagVAE(nn.Module):
         for name in self.node_ranges:
             if len(inputs[name]) > 1:
                 own = self.feature_embedding(name, v)
-                index = torch.arange(len(own), device=own.device)
-                corr = edge_correlations(z[name], own, inputs[name], index)
+                corr = edge_correlations(z[name], own, inputs[name])
                 terms[f"self/{name}"] = (1.0 - corr).mean()
         return terms
 
@@ -225,21 +224,23 @@ class DiagVAE(nn.Module):
 
 
 def edge_correlations(
-    z: torch.Tensor, v_edges: torch.Tensor, x: torch.Tensor, index: torch.Tensor
+    z: torch.Tensor, v_edges: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Correlation over cells between ``z @ v_edges[e]`` and ``x[:, index[e]]``, per edge ``e``.
 
     From moments, without forming the ``cells x edges`` matrices: with ``zc`` the centred
     ``z``, the covariance is ``v_e . (zc^T x)[:, index_e]``, the predicted variance
     ``v_e^T (zc^T zc) v_e`` and the measured one the column's ``sum x^2 - n mean^2``. ``x``
-    is data (no gradient).
+    is data (no gradient). ``index=None``: edge ``e`` is column ``e`` (no gather).
     """
     zc = z - z.mean(0)
-    cross = (zc.T @ x.to(zc.dtype))[:, index]
+    cross = zc.T @ x.to(zc.dtype)
+    cross = cross if index is None else cross[:, index]
     covariance = (v_edges * cross.T).sum(1)
     predicted = ((v_edges @ (zc.T @ zc)) * v_edges).sum(1)
     with torch.no_grad():
         x = x.to(zc.dtype)
-        measured = (x.square().sum(0) - len(x) * x.mean(0).square())[index]
+        measured = x.square().sum(0) - len(x) * x.mean(0).square()
+        measured = measured if index is None else measured[index]
     scale = predicted.clamp_min(1e-12).sqrt() * measured.clamp_min(0.0).sqrt()
     return covariance / scale.clamp_min(1e-8)
