@@ -28,7 +28,7 @@ class Encoder(nn.Module):
         n_input: int,
         n_latent: int,
         n_hidden: int = 256,
-        n_layers: int = 2,
+        n_layers: int = 1,
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
