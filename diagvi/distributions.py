@@ -53,35 +53,34 @@ def _nb_log_prob(
         \log p(x) = \log\Gamma(x+\theta) - \log\Gamma(\theta) - \log\Gamma(x+1)
         + \theta \log\frac{\theta}{\theta+\mu} + x \log\frac{\mu}{\theta+\mu}
 
-    ``eps`` is added inside every logarithm, so ``mu -> 0`` stays finite. Every term but the
-    first vanishes where ``x = 0``, so they are computed on the nonzero entries only: count
-    data are mostly zeros (scRNA-seq: often > 90%), and the log-gamma functions and their
-    digamma gradients are the expensive part of a training step on a CPU. Every entry is
-    computed on an accelerator, where elementwise work is cheap and finding the nonzeros would
+    ``eps`` is added inside every logarithm, so ``mu -> 0`` stays finite. The log-gamma terms
+    vanish where ``x = 0``, so they are computed on the nonzero entries only: count data are
+    mostly zeros (scRNA-seq: often > 90%), and the log-gamma functions and their digamma
+    gradients are the expensive part of a training step on a CPU (the other terms are cheap
+    elementwise work, done densely: gathering them costs more in the backward). A per-feature
+    ``theta`` gets its ``log Gamma(theta)`` per feature, then gathered. Every entry is computed
+    on an accelerator, where elementwise work is cheap and finding the nonzeros would
     synchronise with the host, and for dense data (e.g. spatial spots): gathering and
     scattering the nonzeros costs more than it saves above about 30 % nonzeros.
     """
     theta_log_theta = theta * torch.log(theta + eps)  # before broadcasting: often per feature
-    x, mu, theta = torch.broadcast_tensors(x, mu, theta)
     log_theta_mu = torch.log(theta + mu + eps)
-    out = theta_log_theta - theta * log_theta_mu
+    out = theta_log_theta - theta * log_theta_mu + x * (torch.log(mu + eps) - log_theta_mu)
     if x.device.type != "cpu" or torch.count_nonzero(x) > _SPARSE_ENOUGH * x.numel():
-        return (
-            out
-            + x * (torch.log(mu + eps) - log_theta_mu)
-            + torch.lgamma(x + theta)
-            - torch.lgamma(theta)
-            - torch.lgamma(x + 1)
-        )
-    nonzero = x.nonzero(as_tuple=True)
-    xn, thetan = x[nonzero], theta[nonzero]
-    counts = (
-        xn * (torch.log(mu[nonzero] + eps) - log_theta_mu[nonzero])
-        + torch.lgamma(xn + thetan)
-        - torch.lgamma(thetan)
-        - torch.lgamma(xn + 1)
-    )
-    return out.index_put(nonzero, counts, accumulate=True)
+        return out + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
+    flat = x.expand(out.shape).reshape(-1)
+    nonzero = flat.nonzero().squeeze(1)
+    xn = flat[nonzero]
+    n_features = out.shape[-1]
+    if theta.numel() == n_features:  # one value per feature
+        per_feature = theta.reshape(-1)
+        column = nonzero % n_features
+        counts = torch.lgamma(xn + per_feature[column]) - torch.lgamma(per_feature)[column]
+    else:
+        thetan = theta.expand(out.shape).reshape(-1)[nonzero]
+        counts = torch.lgamma(xn + thetan) - torch.lgamma(thetan)
+    counts = counts - torch.lgamma(xn + 1)
+    return out.reshape(-1).index_add(0, nonzero, counts).view(out.shape)
 
 
 @torch.no_grad()

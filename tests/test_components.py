@@ -836,3 +836,22 @@ def test_graph_loss_shared_partners_estimate_the_mean_over_all_nodes():
     exact_negative = F.softplus(v[edge_index[0]] @ v.T).mean(1)
     exact = positive + 3 * (w * exact_negative).sum() / w.sum()
     torch.testing.assert_close(sampled, exact, rtol=5e-3, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_drops_a_share_p_and_rescales_the_rest(p):
+    from diagvi.nn import Dropout
+
+    layer = Dropout(p)
+    x = torch.ones(400, 300, requires_grad=True)
+    torch.manual_seed(0)
+    y = layer(x)
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - p) < 0.01
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, y.detach())  # the gradient passes through the same mask
+    torch.manual_seed(0)
+    torch.testing.assert_close(layer(x), y)  # seeded like torch's own
+    assert not torch.equal(layer(x), y)  # a fresh mask per call
+    assert torch.equal(layer.eval()(x), x)

@@ -213,7 +213,8 @@ def test_support_and_no_validation(kind: str) -> None:
     assert dist._validate_args is False
 
 
-def test_nb_log_prob_on_nonzeros_equals_the_dense_formula_with_its_gradients():
+@pytest.mark.parametrize("theta_rows", [1, 64])  # one theta per feature, or per cell
+def test_nb_log_prob_on_nonzeros_equals_the_dense_formula_with_its_gradients(theta_rows):
     """The CPU path computes the count terms on nonzero entries only; same values, same grads."""
     from diagvi.distributions import _nb_log_prob
 
@@ -221,7 +222,7 @@ def test_nb_log_prob_on_nonzeros_equals_the_dense_formula_with_its_gradients():
     x = torch.poisson(torch.rand(64, 30, generator=gen) * 0.3)  # mostly zeros
     assert 0.05 < (x > 0).float().mean() < 0.5
     mu = (torch.rand(64, 30, generator=gen) * 3).requires_grad_()
-    theta = (torch.rand(1, 30, generator=gen) + 0.2).requires_grad_()  # one row per feature
+    theta = (torch.rand(theta_rows, 30, generator=gen) + 0.2).requires_grad_()
     eps = 1e-8
 
     def dense(x, mu, theta):

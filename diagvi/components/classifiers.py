@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diagvi.nn import Dropout
 from diagvi.registry import CLASSIFIERS
 
 
@@ -70,6 +71,6 @@ class MLPClassifier(Classifier):
         self.head = nn.Sequential(
             nn.Linear(n_latent, n_hidden),
             nn.LeakyReLU(0.2),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(n_hidden, n_labels),
         )

@@ -32,8 +32,11 @@ def logsumexp(a: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def ground_cost(x: torch.Tensor, y: torch.Tensor, p: int = 2) -> torch.Tensor:
-    """``C_ij = |x_i - y_j|^2 / 2`` (``p = 2``) or ``|x_i - y_j|`` (``p = 1``), as GeomLoss."""
-    squared = x.square().sum(-1)[:, None] - 2.0 * (x @ y.T) + y.square().sum(-1)[None, :]
+    """``C_ij = |x_i - y_j|^2 / 2`` (``p = 2``) or ``|x_i - y_j|`` (``p = 1``), as GeomLoss.
+
+    ``x`` and ``y`` are ``(N, D)`` and ``(M, D)``, or stacks ``(K, N, D)`` and ``(K, M, D)``.
+    """
+    squared = x.square().sum(-1)[..., :, None] - 2.0 * (x @ y.mT) + y.square().sum(-1)[..., None, :]
     if p == 2:
         return squared / 2
     if p == 1:
@@ -45,6 +48,16 @@ def epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> li
     """Temperatures from ``diameter^p`` to ``blur^p``, divided by ``scaling^p`` each step."""
     steps = np.arange(p * math.log(diameter), p * math.log(blur), p * math.log(scaling))
     return [diameter**p, *np.exp(steps).tolist(), blur**p]
+
+
+def _padded(clouds: list[torch.Tensor], size: int, fill: float = 0.0) -> torch.Tensor:
+    """Stack 1-d or 2-d tensors along a new first axis, their first axis padded to ``size``."""
+    return torch.stack(
+        [
+            torch.nn.functional.pad(c, (0, 0) * (c.dim() - 1) + (0, size - len(c)), value=fill)
+            for c in clouds
+        ]
+    )
 
 
 def sinkhorn_divergence(
@@ -69,50 +82,45 @@ def sinkhorn_divergence(
             diameter = float((both.max(0).values - both.min(0).values).norm())
     diameter = max(diameter, blur)
     rho = None if reach is None else reach**p
-    a_log = torch.full((len(x),), -math.log(len(x)), dtype=x.dtype, device=x.device)
-    b_log = torch.full((len(y),), -math.log(len(y)), dtype=y.dtype, device=y.device)
+    n, m = len(x), len(y)
+    a_log = torch.full((n,), -math.log(n), dtype=x.dtype, device=x.device)
+    b_log = torch.full((m,), -math.log(m), dtype=y.dtype, device=y.device)
 
     def damping(eps: float) -> float:
         return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
 
-    # potentials (f_ba on x, g_ab on y, f_aa on x, g_bb on y); each is the soft-min over its
-    # cost matrix's columns of (log weight + partner potential / eps - cost / eps)
-    partner = (1, 0, 2, 3)
-    log_weights = (b_log, a_log, a_log, b_log)
+    # The four potentials f_ba (on x), g_ab (on y), f_aa (on x), g_bb (on y) are solved as one
+    # stack: each is the soft-min over its cost matrix's columns of (log weight + partner
+    # potential / eps - cost / eps). One kernel per operation for all four instead of four
+    # (256-cell minibatches: forward 5.2 -> 4.1 ms). Clouds of unequal size are padded;
+    # padded columns weigh exp(-inf) = 0 and padded rows are never read.
+    size = max(n, m)
+    partner = torch.tensor([1, 0, 2, 3], device=x.device)
+    log_weights = _padded([b_log, a_log, a_log, b_log], size, fill=-math.inf)
+    sources, targets = [x, y, x, y], [y, x, x, y]
     with torch.no_grad():
-        c_xy = ground_cost(x.detach(), y.detach(), p)
-        costs = (c_xy, c_xy.T, ground_cost(x.detach(), x.detach(), p))
-        costs += (ground_cost(y.detach(), y.detach(), p),)
+        costs = ground_cost(_padded(sources, size).detach(), _padded(targets, size).detach(), p)
 
-        def update(eps: float, potentials: list[torch.Tensor]) -> list[torch.Tensor]:
-            d = -eps * damping(eps)
-            out = []
-            for c, w, k in zip(costs, log_weights, partner, strict=True):
-                shifted = torch.add((w + potentials[k] / eps)[None, :], c, alpha=-1.0 / eps)
-                top = shifted.amax(1, keepdim=True)
-                total = shifted.sub_(top).clamp_min_(_EXP_FLOOR).exp_().sum(1)  # in place
-                out.append(d * (total.log_() + top.squeeze(1)))
-            return out
+        def update(eps: float, potentials: torch.Tensor) -> torch.Tensor:
+            h = log_weights + potentials[partner] / eps
+            shifted = torch.add(h[:, None, :], costs, alpha=-1.0 / eps)
+            top = shifted.amax(2, keepdim=True)
+            total = shifted.sub_(top).clamp_min_(_EXP_FLOOR).exp_().sum(2)  # in place
+            return (total.log_() + top.squeeze(2)).mul_(-eps * damping(eps))
 
         eps_list = epsilon_schedule(p, diameter, blur, scaling)
-        potentials = update(eps_list[0], [torch.zeros_like(w) for w in (a_log, b_log) * 2])
+        potentials = update(eps_list[0], torch.zeros_like(log_weights))
         for eps in eps_list:
-            new = update(eps, potentials)
-            potentials = [0.5 * (old + upd) for old, upd in zip(potentials, new, strict=True)]
-        f_ba, g_ab, f_aa, g_bb = potentials
+            potentials = potentials.add_(update(eps, potentials)).mul_(0.5)
 
-    # the last extrapolation carries the gradient; each cost sees the other cloud detached
+    # the last extrapolation carries the gradient; each cost sees the other cloud detached.
+    # Problem by problem: stacked, its backward was slower
     eps = eps_list[-1]
     d = -eps * damping(eps)
-
-    def softmin(c: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return d * logsumexp(h[None, :] - c / eps, 1)
-
+    h = log_weights + potentials[partner] / eps
     f_ba, g_ab, f_aa, g_bb = (
-        softmin(ground_cost(x, y.detach(), p), b_log + g_ab / eps),
-        softmin(ground_cost(y, x.detach(), p), a_log + f_ba / eps),
-        softmin(ground_cost(x, x.detach(), p), a_log + f_aa / eps),
-        softmin(ground_cost(y, y.detach(), p), b_log + g_bb / eps),
+        d * logsumexp(h[k, None, : len(target)] - ground_cost(source, target.detach(), p) / eps, 1)
+        for k, (source, target) in enumerate(zip(sources, targets, strict=True))
     )
     a, b = a_log.exp(), b_log.exp()
     if rho is None:
