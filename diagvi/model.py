@@ -272,13 +272,16 @@ class DIAGVI:
             lam_sinkhorn=lam_sinkhorn,
             lam_class=lam_class,
         )
-        lit = DiagVILightning(self.module, weights, lr=lr, weight_decay=weight_decay)
         history = HistoryCallback()
         callbacks: list[L.Callback] = [history]
+        monitored = []  # no logger here: Lightning needs only what early stopping watches
         if early_stopping:
             has_val = all(len(v) for v in dm.val_idx.values())
-            monitor = "val/loss" if has_val else "train/loss"
-            callbacks.append(EarlyStopping(monitor, patience=early_stopping_patience))
+            monitored = ["val/loss" if has_val else "train/loss"]
+            callbacks.append(EarlyStopping(monitored[0], patience=early_stopping_patience))
+        lit = DiagVILightning(
+            self.module, weights, lr=lr, weight_decay=weight_decay, logged=monitored
+        )
         validate = check_val_every_n_epoch or (1 if early_stopping else None)
         with tempfile.TemporaryDirectory() as root:
             trainer = L.Trainer(

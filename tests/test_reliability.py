@@ -42,9 +42,11 @@ class Toy(torch.nn.Module):
         return {"nll/rna": nll, "kl/rna": self.w.pow(2).sum()}
 
 
-def fit_toy(bad: set[int], nonfinite: str, tmp_path: Path, epochs: int = 2) -> DiagVILightning:
+def fit_toy(
+    bad: set[int], nonfinite: str, tmp_path: Path, epochs: int = 2, logged=None
+) -> DiagVILightning:
     batches = [{"rna": {"x": torch.randn(8, 3) + 1.0}} for _ in range(4)]
-    lit = DiagVILightning(Toy(bad), nonfinite=nonfinite, lr=0.1)
+    lit = DiagVILightning(Toy(bad), nonfinite=nonfinite, lr=0.1, logged=logged)
     trainer = L.Trainer(
         max_epochs=epochs,
         logger=False,
@@ -80,6 +82,16 @@ def test_nonfinite_loss_skip_counts_and_skips_updates(tmp_path):
     frozen = fit_toy(set(range(8)), "skip", tmp_path / "all_bad")
     assert frozen.skipped_steps == 8
     assert torch.equal(frozen.module.w.detach(), torch.zeros(3))
+
+
+def test_only_the_logged_means_reach_lightning_and_all_are_kept(tmp_path):
+    lit = fit_toy(set(), "raise", tmp_path, logged=["train/loss"])
+    assert set(lit.trainer.callback_metrics) == {"train/loss"}
+    kept = {"train/loss", "train/nll/rna", "train/kl/rna", "train/skipped_steps"}
+    assert set(lit.epoch_means) == kept
+    assert float(lit.epoch_means["train/loss"]) == float(lit.trainer.callback_metrics["train/loss"])
+    everything = fit_toy(set(), "raise", tmp_path / "all")
+    assert set(everything.trainer.callback_metrics) == kept
 
 
 def test_nonfinite_option_is_checked():
