@@ -64,8 +64,8 @@ class DiagVILightning(L.LightningModule):
     logged
         Names of the epoch means (``"train/loss"``, ``"val/align"``, ...) handed to Lightning's
         ``self.log``, which loggers, the progress bar and callbacks' monitors read; ``None``:
-        all. :attr:`epoch_means` keeps every one either way. ``self.log`` costs about 0.3 ms
-        per name and epoch, a tenth of an epoch of one small minibatch.
+        all. :attr:`epoch_means` keeps every one either way. ``self.log`` costs 0.3-1 ms per
+        name and epoch: with 15 names, a tenth of an epoch of one small minibatch.
     """
 
     def __init__(

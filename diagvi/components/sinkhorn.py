@@ -64,10 +64,10 @@ class _SquaredCostLogSumExp(torch.autograd.Function):
     """``log sum_j exp(h_j - |x_i - y_j|^2 / (2 eps))`` over stacks ``(K, N, D)``, ``(K, M, D)``.
 
     Differentiated in ``x`` only (``y`` and ``h`` are detached where it is used), by its closed
-    form: the gradient is ``(x_i - barycentre_i) / -eps`` with ``barycentre_i = sum_j P_ij y_j``
-    and ``P`` the row-normalised kernel, one matmul in the forward. Autograd through the
-    ``N x M`` log-sum-exp and the cost would take several more passes over it. ``|x_i|^2`` is
-    taken out of the sum: the rest is one ``baddbmm``.
+    form: the gradient in ``x_i`` is ``(barycentre_i - x_i) / eps`` with ``barycentre_i =
+    sum_j P_ij y_j`` and ``P`` the row-normalised kernel, one matmul in the forward. Autograd
+    through the ``N x M`` log-sum-exp and the cost would take several more passes over it.
+    ``|x_i|^2`` is taken out of the sum: the rest is one ``baddbmm``.
     """
 
     @staticmethod
