@@ -66,7 +66,9 @@ def _nb_log_prob(
     theta_log_theta = theta * torch.log(theta + eps)  # before broadcasting: often per feature
     log_theta_mu = torch.log(theta + mu + eps)
     out = theta_log_theta - theta * log_theta_mu + x * (torch.log(mu + eps) - log_theta_mu)
-    if x.device.type != "cpu" or torch.count_nonzero(x) > _SPARSE_ENOUGH * x.numel():
+    # the density of the first 65,536 entries picks the path (both give the same values)
+    head = x.reshape(-1)[: 1 << 16]
+    if x.device.type != "cpu" or torch.count_nonzero(head) > _SPARSE_ENOUGH * head.numel():
         return out + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
     flat = x.expand(out.shape).reshape(-1)
     nonzero = flat.nonzero().squeeze(1)
