@@ -125,8 +125,10 @@ def sinkhorn_divergence(
     partner = torch.tensor([1, 0, 2, 3], device=x.device)
     log_weights = _padded([b_log, a_log, a_log, b_log], size, fill=-math.inf)
     sources, targets = [x, y, x, y], [y, x, x, y]
+    # padded once: the sources keep their gradient for the last extrapolation below
+    source_stack, target_stack = _padded(sources, size), _padded(targets, size).detach()
     with torch.no_grad():
-        costs = ground_cost(_padded(sources, size).detach(), _padded(targets, size).detach(), p)
+        costs = ground_cost(source_stack.detach(), target_stack, p)
 
         def update(eps: float, potentials: torch.Tensor) -> torch.Tensor:
             h = log_weights + potentials[partner] / eps
@@ -145,9 +147,7 @@ def sinkhorn_divergence(
     d = -eps * damping(eps)
     h = log_weights + potentials[partner] / eps
     if p == 2:
-        stacked = _SquaredCostLogSumExp.apply(
-            _padded(sources, size), _padded(targets, size).detach(), h, eps
-        )
+        stacked = _SquaredCostLogSumExp.apply(source_stack, target_stack, h, eps)
         f_ba, g_ab, f_aa, g_bb = (d * stacked[k, : len(s)] for k, s in enumerate(sources))
     else:
         f_ba, g_ab, f_aa, g_bb = (
