@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -148,6 +149,7 @@ class DiagVAE(nn.Module):
         z: Mapping[str, torch.Tensor],
         inputs: Mapping[str, torch.Tensor],
         v: torch.Tensor,
+        moments: Mapping[str, CrossMoments] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``link/<m>``: linked features must co-vary across the cells of each modality.
 
@@ -159,6 +161,7 @@ class DiagVAE(nn.Module):
         mRNA and protein levels compare. It is the same evidence that a joint PCA of the
         linked features uses, and it fixes the orientation of the two latent spaces (a
         reflection or a permutation of clusters fits the graph's loss on ``v`` equally well).
+        ``moments``: each modality's :func:`cross_moments`, when already computed.
         """
         names = list(self.node_ranges)
         view = self.linked
@@ -168,7 +171,8 @@ class DiagVAE(nn.Module):
             other = names[1 - side]
             if len(inputs[name]) > 1:
                 v_edges = self.feature_embedding(other, v)[index[other]]
-                corr = edge_correlations(z[name], v_edges, inputs[name], index[name]) * view.sign
+                m = moments[name] if moments else cross_moments(z[name], inputs[name])
+                corr = m.correlations(v_edges, index[name]) * view.sign
                 terms[f"link/{name}"] = (view.weight * (1.0 - corr)).sum() / view.weight.sum()
         return terms
 
@@ -177,6 +181,7 @@ class DiagVAE(nn.Module):
         z: Mapping[str, torch.Tensor],
         inputs: Mapping[str, torch.Tensor],
         v: torch.Tensor,
+        moments: Mapping[str, CrossMoments] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``self/<m>``: every feature of modality ``m`` must co-vary with its own decoder.
 
@@ -186,12 +191,14 @@ class DiagVAE(nn.Module):
         cross-modal edge (which :meth:`link_consistency` never sees) close to noise: the
         decoder then imputes them no better than their mean (``experiments/alignment_defaults``,
         sixth round). Like the ``link`` term, it is invariant to each feature's scale.
+        ``moments``: each modality's :func:`cross_moments`, when already computed.
         """
         terms = {}
         for name in self.node_ranges:
             if len(inputs[name]) > 1:
                 own = self.feature_embedding(name, v)
-                corr = edge_correlations(z[name], own, inputs[name])
+                m = moments[name] if moments else cross_moments(z[name], inputs[name])
+                corr = m.correlations(own)
                 terms[f"self/{name}"] = (1.0 - corr).mean()
         return terms
 
@@ -217,10 +224,48 @@ class DiagVAE(nn.Module):
         # Sinkhorn's log-sum-exp iterations lose too much in bfloat16
         with torch.autocast(v.device.type, enabled=False):
             terms.update({f"graph/{k}": t for k, t in self.g2v.loss(qv, v).items()})
-            terms.update(self.link_consistency(zs, inputs, qv.loc))
-            terms.update(self.self_consistency(zs, inputs, qv.loc))
+            # both terms correlate the same latent with the same inputs: their moments once
+            moments = {name: cross_moments(zs[name], inputs[name]) for name in self.names}
+            terms.update(self.link_consistency(zs, inputs, qv.loc, moments))
+            terms.update(self.self_consistency(zs, inputs, qv.loc, moments))
             terms["align"] = self.alignment(zs, self.linked_features(inputs))
         return terms
+
+
+class CrossMoments(NamedTuple):
+    """Moments of a latent ``z`` (cells x latent) and data ``x`` (cells x features) over cells.
+
+    ``cross = zc^T x`` and ``gram = zc^T zc`` with ``zc`` the centred ``z``; ``measured`` the
+    sum of squared deviations of each column of ``x`` (data: no gradient).
+    """
+
+    cross: torch.Tensor
+    gram: torch.Tensor
+    measured: torch.Tensor
+
+    def correlations(
+        self, v_edges: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Correlation over cells between ``z @ v_edges[e]`` and ``x[:, index[e]]``, per ``e``.
+
+        The covariance is ``v_e . cross[:, index_e]``, the predicted variance
+        ``v_e^T gram v_e``; ``index=None``: edge ``e`` is column ``e`` (no gather).
+        """
+        cross = self.cross if index is None else self.cross[:, index]
+        measured = self.measured if index is None else self.measured[index]
+        covariance = (v_edges * cross.T).sum(1)
+        predicted = ((v_edges @ self.gram) * v_edges).sum(1)
+        scale = predicted.clamp_min(1e-12).sqrt() * measured.clamp_min(0.0).sqrt()
+        return covariance / scale.clamp_min(1e-8)
+
+
+def cross_moments(z: torch.Tensor, x: torch.Tensor) -> CrossMoments:
+    """The :class:`CrossMoments` of ``z`` and ``x``, without any ``cells x edges`` matrix."""
+    zc = z - z.mean(0)
+    x = x.to(zc.dtype)
+    with torch.no_grad():
+        measured = x.square().sum(0) - len(x) * x.mean(0).square()
+    return CrossMoments(zc.T @ x, zc.T @ zc, measured)
 
 
 def edge_correlations(
@@ -228,19 +273,9 @@ def edge_correlations(
 ) -> torch.Tensor:
     """Correlation over cells between ``z @ v_edges[e]`` and ``x[:, index[e]]``, per edge ``e``.
 
-    From moments, without forming the ``cells x edges`` matrices: with ``zc`` the centred
-    ``z``, the covariance is ``v_e . (zc^T x)[:, index_e]``, the predicted variance
-    ``v_e^T (zc^T zc) v_e`` and the measured one the column's ``sum x^2 - n mean^2``. ``x``
-    is data (no gradient). ``index=None``: edge ``e`` is column ``e`` (no gather).
+    From moments (:func:`cross_moments`), without forming the ``cells x edges`` matrices: with
+    ``zc`` the centred ``z``, the covariance is ``v_e . (zc^T x)[:, index_e]``, the predicted
+    variance ``v_e^T (zc^T zc) v_e`` and the measured one the column's ``sum x^2 - n mean^2``.
+    ``x`` is data (no gradient). ``index=None``: edge ``e`` is column ``e`` (no gather).
     """
-    zc = z - z.mean(0)
-    cross = zc.T @ x.to(zc.dtype)
-    cross = cross if index is None else cross[:, index]
-    covariance = (v_edges * cross.T).sum(1)
-    predicted = ((v_edges @ (zc.T @ zc)) * v_edges).sum(1)
-    with torch.no_grad():
-        x = x.to(zc.dtype)
-        measured = x.square().sum(0) - len(x) * x.mean(0).square()
-        measured = measured if index is None else measured[index]
-    scale = predicted.clamp_min(1e-12).sqrt() * measured.clamp_min(0.0).sqrt()
-    return covariance / scale.clamp_min(1e-8)
+    return cross_moments(z, x).correlations(v_edges, index)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import Normal
 from torch_geometric.data import Data
 from torch_geometric.nn import GCNConv
 from torch_geometric.utils import scatter
 
+from diagvi.components.priors import kl_standard_normal
 from diagvi.registry import GRAPH_ENCODERS
 
 
@@ -107,6 +108,5 @@ class GCNGraphEncoder(nn.Module):
     def loss(self, qv: Normal, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-edge graph ELBO for one sample ``v`` of ``qv``: ``{"nll": ..., "kl": ...}``."""
         nll = graph_loss(v, self.edge_index, self.edge_weight, self.edge_sign, self.n_negative)
-        prior = Normal(torch.zeros_like(qv.loc), 1.0, validate_args=False)
-        kl = kl_divergence(qv, prior).sum()
+        kl = kl_standard_normal(qv).sum()
         return {"nll": nll, "kl": kl / self.edge_weight.sum()}

@@ -10,6 +10,16 @@ from torch.distributions import Normal, kl_divergence
 from diagvi.registry import PRIORS
 
 
+def kl_standard_normal(q: Normal) -> torch.Tensor:
+    """Elementwise ``KL(q || N(0, 1))`` in closed form: ``(sigma^2 + mu^2 - 1) / 2 - log sigma``.
+
+    The same values as ``kl_divergence(q, Normal(0, 1))`` in a third of the operations (it
+    builds no prior and divides by no unit scale), which counts on a CPU where a training
+    step is many small operations.
+    """
+    return 0.5 * (q.scale.square() + q.loc.square() - 1.0) - q.scale.log()
+
+
 class Prior(nn.Module):
     """Base class. ``kl`` returns one value per cell (summed over latent dimensions).
 
@@ -28,7 +38,7 @@ class StandardNormal(Prior):
         super().__init__()
 
     def kl(self, qz, z, labels):
-        return kl_divergence(qz, Normal(torch.zeros_like(qz.loc), 1.0)).sum(-1)
+        return kl_standard_normal(qz).sum(-1)
 
 
 @PRIORS.register("gmm")
