@@ -23,13 +23,15 @@ elsewhere, which is the usual convention for such likelihoods.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributions import Distribution, Gamma, LogNormal, Normal, constraints
-from torch.distributions.utils import broadcast_all
+from torch.distributions.utils import broadcast_all, lazy_property
 
 __all__ = [
     "NegativeBinomial",
+    "CompositionNegativeBinomial",
     "ZeroInflatedNegativeBinomial",
     "NegativeBinomialMixture",
     "Log1pNormal",
@@ -66,12 +68,10 @@ def _nb_log_prob(
     theta_log_theta = theta * torch.log(theta + eps)  # before broadcasting: often per feature
     log_theta_mu = torch.log(theta + mu + eps)
     out = theta_log_theta - theta * log_theta_mu + x * (torch.log(mu + eps) - log_theta_mu)
-    # the density of the first 65,536 entries picks the path (both give the same values)
-    head = x.reshape(-1)[: 1 << 16]
-    if x.device.type != "cpu" or torch.count_nonzero(head) > _SPARSE_ENOUGH * head.numel():
+    if not _sparse_enough(x):
         return out + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
     flat = x.expand(out.shape).reshape(-1)
-    nonzero = flat.nonzero().squeeze(1)
+    nonzero = _flat_nonzero(flat)
     xn = flat[nonzero]
     n_features = out.shape[-1]
     if theta.numel() == n_features:  # one value per feature
@@ -83,6 +83,142 @@ def _nb_log_prob(
         counts = torch.lgamma(xn + thetan) - torch.lgamma(thetan)
     counts = counts - torch.lgamma(xn + 1)
     return out.reshape(-1).index_add(0, nonzero, counts).view(out.shape)
+
+
+def _sparse_enough(x: torch.Tensor) -> bool:
+    """Whether the NB log-pmf should visit only ``x``'s nonzeros: on a CPU, when the first
+    65,536 entries are sparse enough (both paths give the same values)."""
+    if x.device.type != "cpu":
+        return False
+    head = x.reshape(-1)[: 1 << 16]
+    return bool(torch.count_nonzero(head) <= _SPARSE_ENOUGH * head.numel())
+
+
+def _flat_nonzero(flat: torch.Tensor) -> torch.Tensor:
+    """Indices of a CPU vector's nonzero entries (``int64``).
+
+    NumPy's ``flatnonzero`` of a boolean mask: 0.9 ms for 400,000 entries at 10 % nonzeros,
+    where ``Tensor.nonzero`` takes 1.8-2.1 ms on this CPU.
+    """
+    return torch.from_numpy(np.flatnonzero((flat != 0).numpy()))
+
+
+class _CompositionNBLogProb(torch.autograd.Function):
+    r"""Entrywise :math:`\log NB(x; \mu, \theta)` with :math:`\mu = l\,\mathrm{softmax}(\eta)`,
+    the same values as :func:`_nb_log_prob` and a hand-written gradient for ``eta`` and ``theta``.
+
+    With :math:`t = \theta + \mu + \epsilon`, the terms in :math:`x` vanish where
+    :math:`x = 0`, so on sparse data only :math:`\theta \log\theta - \theta \log t` is
+    dense; the rest is computed on the nonzeros. The gradient:
+
+    .. math::
+        \frac{\partial}{\partial\mu} = \frac{x}{\mu+\epsilon} - \frac{\theta + x}{t},
+        \qquad
+        \frac{\partial}{\partial\theta} = \log(\theta+\epsilon)
+        + \frac{\theta}{\theta+\epsilon} - \log t - \frac{\theta + x}{t}
+        + \psi(x+\theta) - \psi(\theta),
+
+    and through the softmax :math:`g_\eta = a - \mathrm{softmax}(\eta) \sum_j a_j` with
+    :math:`a = \mu\, \partial/\partial\mu`. About 16 passes over ``cells x features``
+    forward and backward where autograd through the formula makes about 35: the likelihood
+    of a 2,000-gene minibatch was a third of a CPU training step. ``eta``: cells x features;
+    ``library``: cells x 1 (data, no gradient); ``theta``: 1 or cells rows.
+    """
+
+    @staticmethod
+    def forward(ctx, eta, library, theta, x, eps):
+        mu = torch.softmax(eta, -1).mul_(library)
+        t = mu + (theta + eps)
+        log_t = torch.log(t)
+        out = torch.addcmul(theta * torch.log(theta + eps), theta, log_t, value=-1.0)
+        ctx.eps, ctx.sparse = eps, _sparse_enough(x)
+        if not ctx.sparse:
+            out += x * (torch.log(mu + eps) - log_t) + torch.lgamma(x + theta)
+            out -= torch.lgamma(theta) + torch.lgamma(x + 1)
+            ctx.save_for_backward(mu, t, log_t, theta, x, library)
+            return out
+        nonzero = _flat_nonzero(x.reshape(-1))
+        at = _Nonzeros(nonzero, out.shape[-1], theta.shape[0] == 1)
+        xn, mun, tn = at.take(x), at.take(mu), at.take(t)
+        thetan = at.take_theta(theta)
+        counts = xn * (torch.log(mun + eps) - torch.log(tn)) + torch.lgamma(xn + thetan)
+        counts -= at.take_theta(torch.lgamma(theta)) if at.per_feature else torch.lgamma(thetan)
+        counts -= torch.lgamma(xn + 1)
+        out.reshape(-1).index_add_(0, nonzero, counts)
+        ctx.at = at
+        ctx.save_for_backward(mu, t, log_t, theta, library, xn, mun, tn, thetan)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        eps = ctx.eps
+        if ctx.sparse:
+            mu, t, log_t, theta, library, xn, mun, tn, thetan = ctx.saved_tensors
+        else:
+            mu, t, log_t, theta, x, library = ctx.saved_tensors
+        # log_prob(x).sum(-1) hands back one value per cell, expanded over the features
+        if grad.dim() == 2 and grad.stride(-1) == 0:
+            grad = grad[:, :1]
+        g = torch.div(theta, t).mul_(grad)  # -grad * d/dmu where x = 0: grad * theta / t
+        grad_theta = None
+        if ctx.needs_input_grad[2]:
+            # grad * (log(theta+eps) + theta/(theta+eps) - log t - theta/t), summed to theta's rows
+            per_theta = torch.log(theta + eps) + theta / (theta + eps)
+            if theta.shape[0] == 1 and grad.shape[-1] == 1:
+                grad_theta = per_theta * grad.sum() - grad.T @ log_t - g.sum(0, keepdim=True)
+            else:
+                dense = (per_theta - log_t).mul_(grad).sub_(g)
+                grad_theta = dense.sum(0, keepdim=True) if theta.shape[0] == 1 else dense
+        if ctx.sparse:
+            at = ctx.at
+            gn = at.take(grad) if grad.shape[-1] > 1 else at.take_row(grad)
+            g.reshape(-1).index_add_(0, at.index, gn * xn * (1.0 / tn - 1.0 / (mun + eps)))
+            if grad_theta is not None:
+                digamma_theta = (
+                    at.take_theta(torch.digamma(theta)) if at.per_feature else torch.digamma(thetan)
+                )
+                extra = gn * (torch.digamma(xn + thetan) - digamma_theta - xn / tn)
+                at.add_to_theta(grad_theta, extra)
+        else:
+            g -= grad * x * (1.0 / (mu + eps) - 1.0 / t)
+            if grad_theta is not None:
+                dense = grad * (torch.digamma(x + theta) - torch.digamma(theta) - x / t)
+                grad_theta = grad_theta + (
+                    dense.sum(0, keepdim=True) if theta.shape[0] == 1 else dense
+                )
+        # through mu = library * softmax(eta): g_eta = a - softmax * sum(a), a = -g * mu
+        g.mul_(mu)
+        total = g.sum(-1, keepdim=True) / library.clamp_min(torch.finfo(mu.dtype).tiny)
+        grad_eta = g.addcmul_(mu, total, value=-1.0).neg_()
+        return grad_eta, None, grad_theta, None, None
+
+
+class _Nonzeros:
+    """The nonzero entries of a ``cells x features`` matrix (flat ``index``), and gathers at them.
+
+    ``index_select`` rather than indexing: twice as fast on a CPU for 50,000 of 500,000.
+    """
+
+    def __init__(self, index: torch.Tensor, n_features: int, per_feature: bool) -> None:
+        self.index, self.n_features, self.per_feature = index, n_features, per_feature
+        self.column = index % n_features
+
+    def take(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(-1).index_select(0, self.index)
+
+    def take_row(self, column: torch.Tensor) -> torch.Tensor:
+        """A ``cells x 1`` value at each nonzero's row."""
+        return column.reshape(-1).index_select(
+            0, torch.div(self.index, self.n_features, rounding_mode="floor")
+        )
+
+    def take_theta(self, theta: torch.Tensor) -> torch.Tensor:
+        """``theta`` (one row per feature, or one per cell) at each nonzero."""
+        return theta.reshape(-1).index_select(0, self.column if self.per_feature else self.index)
+
+    def add_to_theta(self, grad_theta: torch.Tensor, values: torch.Tensor) -> None:
+        where = self.column if self.per_feature else self.index
+        grad_theta.reshape(-1).index_add_(0, where, values)
 
 
 @torch.no_grad()
@@ -135,6 +271,45 @@ class NegativeBinomial(Distribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return _nb_log_prob(value, self.mu, self._theta, self.eps)
+
+
+class CompositionNegativeBinomial(NegativeBinomial):
+    r"""Negative binomial with mean ``library * softmax(eta)`` (a count likelihood's mean).
+
+    The distribution of :class:`NegativeBinomial` with ``mu = library * softmax(eta)``;
+    :meth:`log_prob` differentiates ``eta`` and ``theta`` in closed form
+    (:class:`_CompositionNBLogProb`) instead of through autograd's record of the formula.
+
+    Parameters
+    ----------
+    eta
+        Logits of the composition, cells x features.
+    library
+        Each cell's total count, cells x 1 (data: no gradient).
+    theta
+        Inverse dispersion, ``> 0``: one row per feature or one per cell.
+    eps
+        Numerical stability constant added inside logarithms.
+    """
+
+    def __init__(
+        self, eta: torch.Tensor, library: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8
+    ) -> None:
+        self.eta, self.library, self._theta, self.eps = eta, library, theta, eps
+        self.theta = theta.expand(eta.shape)
+        Distribution.__init__(self, eta.shape, validate_args=False)
+
+    @lazy_property
+    def mu(self) -> torch.Tensor:
+        return self.library * torch.softmax(self.eta, dim=-1)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        shapes_fit = (
+            self.eta.dim() == 2 and self._theta.dim() == 2 and value.shape == self.eta.shape
+        )
+        if self.library.requires_grad or not shapes_fit:
+            return super().log_prob(value)
+        return _CompositionNBLogProb.apply(self.eta, self.library, self._theta, value, self.eps)
 
 
 class NegativeBinomialMixture(Distribution):

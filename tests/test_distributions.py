@@ -239,3 +239,33 @@ def test_nb_log_prob_on_nonzeros_equals_the_dense_formula_with_its_gradients(the
     torch.testing.assert_close(got, want)
     grads = torch.autograd.grad(got.sum(), (mu, theta))
     torch.testing.assert_close(grads, torch.autograd.grad(want.sum(), (mu, theta)))
+
+
+@pytest.mark.parametrize("density", [0.1, 0.9])  # the nonzeros-only path and the dense one
+@pytest.mark.parametrize("theta_rows", [1, 48])  # one theta per feature, or per cell
+def test_composition_nb_matches_autograd_through_the_formula(theta_rows, density):
+    """Closed-form gradients of ``log NB(x; l softmax(eta), theta)`` equal autograd's."""
+    from diagvi.distributions import CompositionNegativeBinomial
+
+    gen = torch.Generator().manual_seed(1)
+    shape = (48, 40)
+    x = torch.poisson(torch.rand(shape, generator=gen, dtype=torch.float64) * 4)
+    x = x * (torch.rand(shape, generator=gen, dtype=torch.float64) < density)
+    x[0] = 0.0  # a cell without counts: library 0
+    library = x.sum(-1, keepdim=True)
+    eta = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    theta = torch.rand(theta_rows, shape[1], generator=gen, dtype=torch.float64) + 0.2
+    theta.requires_grad_()
+    weights = torch.rand(shape, generator=gen, dtype=torch.float64)  # a general upstream grad
+
+    fused = CompositionNegativeBinomial(eta, library, theta)
+    reference = NegativeBinomial(library * torch.softmax(eta, -1), theta)
+    got, want = fused.log_prob(x), reference.log_prob(x)
+    torch.testing.assert_close(got, want)
+    assert torch.isfinite(got).all()
+    for weigh in (lambda lp: (lp * weights).sum(), lambda lp: lp.sum(-1) @ weights[:, 0]):
+        # a general upstream gradient, and one value per cell (how the loss sums it)
+        grads = torch.autograd.grad(weigh(got), (eta, theta), retain_graph=True)
+        expected = torch.autograd.grad(weigh(want), (eta, theta), retain_graph=True)
+        torch.testing.assert_close(grads, expected)
+    torch.testing.assert_close(fused.mean, reference.mean)

@@ -79,8 +79,8 @@ class NB(Likelihood):
         self.log_theta = self._param(1.0)
 
     def forward(self, eta, batch, library):
-        return D.NegativeBinomial(
-            _composition_mean(eta, library), self._per_cell(self.log_theta.exp(), batch)
+        return D.CompositionNegativeBinomial(
+            eta, library, self._per_cell(self.log_theta.exp(), batch)
         )
 
 
