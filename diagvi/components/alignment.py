@@ -14,24 +14,19 @@ import torch
 from geomloss import SamplesLoss
 from torch import nn
 
-from diagvi.components.sinkhorn import sinkhorn_divergence
+from diagvi.components.sinkhorn import ground_cost, sinkhorn_divergence
 from diagvi.registry import ALIGNMENTS
 
 EPSILON_RULES = ("mean", "std")
 SOLVERS = ("dense", "geomloss")
 
 
-def cost_matrix(x: torch.Tensor, y: torch.Tensor, p: int = 2) -> torch.Tensor:
-    """GeomLoss' ground cost ``C_ij = |x_i - y_j|^p / p`` (``p = 1``: ``|x_i - y_j|``)."""
-    distance = torch.cdist(x, y)
-    return distance if p == 1 else distance.pow(p) / p
-
-
 def mean_cost(x: torch.Tensor, y: torch.Tensor, p: int = 2) -> torch.Tensor:
-    """Mean of :func:`cost_matrix`; for ``p = 2`` in closed form, without the ``N x M`` matrix:
+    """Mean of the ground cost (:func:`~diagvi.components.sinkhorn.ground_cost`); for ``p = 2``
+    in closed form, without the ``N x M`` matrix:
     ``mean_ij |x_i - y_j|^2 / 2 = (mean|x|^2 + mean|y|^2 - 2 mean(x).mean(y)) / 2``."""
     if p != 2:
-        return cost_matrix(x, y, p).mean()
+        return ground_cost(x, y, p).mean()
     cross = x.mean(0) @ y.mean(0)
     return ((x.square().sum(1).mean() + y.square().sum(1).mean() - 2.0 * cross) / 2).clamp_min(0)
 
@@ -54,7 +49,7 @@ def adaptive_blur(
     if rule not in EPSILON_RULES:
         raise ValueError(f"unknown epsilon rule {rule!r}; expected one of {EPSILON_RULES}")
     with torch.no_grad():
-        cost = cost_matrix(x.detach(), y.detach(), p) if cost is None else cost.detach()
+        cost = ground_cost(x.detach(), y.detach(), p) if cost is None else cost.detach()
         stat = cost.mean() if rule == "mean" else cost.std()
         epsilon = (scale * stat).clamp_min(1e-8)
     return float(epsilon) ** (1.0 / p)
@@ -172,13 +167,13 @@ class UnbalancedSinkhorn(nn.Module):
         elif self.scale_cost == "mean":
             # differentiated on purpose: a detached scale would leave a gradient that shrinks
             # both clouds every step, and the latent space collapses towards a point
-            cost = cost_matrix(x, y, self.p)
+            cost = ground_cost(x, y, self.p)
             mean_cost = cost.mean().clamp_min(1e-12)
             x, y = x / mean_cost ** (1.0 / self.p), y / mean_cost ** (1.0 / self.p)
             cost = cost / mean_cost  # the rescaled clouds' cost, reused by the blur rule
         if cost is None:
             with torch.no_grad():
-                cost = cost_matrix(x.detach(), y.detach(), self.p)
+                cost = ground_cost(x.detach(), y.detach(), self.p)
         blur = self.current_blur(x, y, cost)
         reach = None if self.reach_scale is None else self.reach_scale * blur
         # epsilon-scaling starts from the largest distance between the two clouds; GeomLoss'
