@@ -94,6 +94,41 @@ def test_only_the_logged_means_reach_lightning_and_all_are_kept(tmp_path):
     assert set(everything.trainer.callback_metrics) == kept
 
 
+class Sometimes(Toy):
+    """A Toy whose ``link/rna`` term (2.0) exists on every other call only."""
+
+    def loss_terms(self, batch):
+        terms = super().loss_terms(batch)
+        if self.calls % 2:
+            terms["link/rna"] = torch.tensor(2.0)
+        return terms
+
+
+def test_epoch_means_count_a_missing_term_as_zero_and_weigh_to_the_loss(tmp_path):
+    batches = [{"rna": {"x": torch.randn(8, 3) + 1.0}} for _ in range(4)]
+    lit = DiagVILightning(Sometimes(set()), lr=0.1)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(lit, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    means = {k: float(v) for k, v in lit.epoch_means.items()}
+    assert means["train/link/rna"] == pytest.approx(1.0)  # 2.0 on half of the cells
+    weights = lit.weights
+    expected = (
+        weights["lam_data"] * means["train/nll/rna"]
+        + weights["lam_kl"] * means["train/kl/rna"]
+        + weights["lam_link"] * means["train/link/rna"]
+    )
+    assert means["train/loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_nonfinite_option_is_checked():
     with pytest.raises(ValueError, match="nonfinite"):
         DiagVILightning(Toy(set()), nonfinite="ignore")
