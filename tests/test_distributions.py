@@ -269,3 +269,20 @@ def test_composition_nb_matches_autograd_through_the_formula(theta_rows, density
         expected = torch.autograd.grad(weigh(want), (eta, theta), retain_graph=True)
         torch.testing.assert_close(grads, expected)
     torch.testing.assert_close(fused.mean, reference.mean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_digamma_matches_torch(dtype):
+    from diagvi.distributions import _digamma
+
+    gen = torch.Generator().manual_seed(2)
+    z = torch.cat(
+        [
+            torch.rand(2000, generator=gen, dtype=dtype) * 3 + 1e-3,  # the recurrence
+            torch.rand(2000, generator=gen, dtype=dtype) * 500 + 0.5,  # the series
+            torch.arange(1, 200, dtype=dtype) + 0.25,  # counts + theta
+        ]
+    )
+    want = torch.digamma(z.double())
+    relative = ((_digamma(z).double() - want).abs() / want.abs().clamp_min(1.0)).max()
+    assert relative < (2e-6 if dtype == torch.float32 else 1e-10)
