@@ -131,9 +131,11 @@ def sinkhorn_divergence(
     with torch.no_grad():
         costs = ground_cost(source_stack.detach(), target_stack, p)
 
+        shifted = torch.empty_like(costs)  # one buffer for every iteration's arguments
+
         def update(eps: float, potentials: torch.Tensor) -> torch.Tensor:
             h = log_weights + potentials[partner] / eps
-            shifted = torch.add(h[:, None, :], costs, alpha=-1.0 / eps)
+            torch.add(h[:, None, :], costs, alpha=-1.0 / eps, out=shifted)
             top = shifted.amax(2, keepdim=True)
             total = shifted.sub_(top).clamp_min_(_EXP_FLOOR).exp_().sum(2)  # in place
             return (total.log_() + top.squeeze(2)).mul_(-eps * damping(eps))
