@@ -118,9 +118,10 @@ def _digamma(z: torch.Tensor) -> torch.Tensor:
     step = z.clone()
     for _ in range(5):
         shift += step.add_(1.0).reciprocal()
-    r2 = w.reciprocal().square_()
+    r = w.reciprocal()
+    r2 = r.square()
     poly = r2 * (1 / 12 - r2 * (1 / 120 - r2 * (1 / 252 - r2 * (1 / 240 - r2 * (1 / 132)))))
-    return torch.log(w).sub_(w.reciprocal().mul_(0.5)).sub_(poly).sub_(shift)
+    return torch.log(w).sub_(r.mul_(0.5)).sub_(poly).sub_(shift)
 
 
 class _CompositionNBLogProb(torch.autograd.Function):
@@ -187,8 +188,7 @@ class _CompositionNBLogProb(torch.autograd.Function):
             if theta.shape[0] == 1 and grad.shape[-1] == 1:
                 grad_theta = per_theta * grad.sum() - grad.T @ log_t - g.sum(0, keepdim=True)
             else:
-                dense = (per_theta - log_t).mul_(grad).sub_(g)
-                grad_theta = dense.sum(0, keepdim=True) if theta.shape[0] == 1 else dense
+                grad_theta = _to_rows((per_theta - log_t).mul_(grad).sub_(g), theta)
         if ctx.sparse:
             at = ctx.at
             gn = at.take(grad) if grad.shape[-1] > 1 else at.take_row(grad)
@@ -203,14 +203,17 @@ class _CompositionNBLogProb(torch.autograd.Function):
             g -= grad * x * (1.0 / (mu + eps) - 1.0 / t)
             if grad_theta is not None:
                 dense = grad * (_digamma(x + theta) - torch.digamma(theta) - x / t)
-                grad_theta = grad_theta + (
-                    dense.sum(0, keepdim=True) if theta.shape[0] == 1 else dense
-                )
+                grad_theta = grad_theta + _to_rows(dense, theta)
         # through mu = library * softmax(eta): g_eta = a - softmax * sum(a), a = -g * mu
         g.mul_(mu)
         total = g.sum(-1, keepdim=True) / library.clamp_min(torch.finfo(mu.dtype).tiny)
         grad_eta = g.addcmul_(mu, total, value=-1.0).neg_()
         return grad_eta, None, grad_theta, None, None
+
+
+def _to_rows(grad: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """A cells x features gradient summed over the cells when ``theta`` has one row."""
+    return grad.sum(0, keepdim=True) if theta.shape[0] == 1 else grad
 
 
 class _Nonzeros:
