@@ -63,13 +63,16 @@ def test_knn_impute_averages_nearest_targets():
 
 
 def test_gate_labels():
-    # CD3, CD4, CD8, CD19, CD56, CD14 high in turn; the last cell is flat
+    # CD3, CD4, CD8, CD19, CD56, CD14 high in turn; a flat cell; CD3 with CD14 or CD19
+    # background (a T cell, neither a monocyte nor a B cell)
     proteins = ["CD3", "CD4", "CD8", "CD19", "CD56", "CD14"]
     base = np.full(6, 5.0)
     cells = [[100, 100, 5, 5, 5, 5], [100, 5, 100, 5, 5, 5], [5, 5, 5, 100, 5, 5]]
     cells += [[5, 5, 5, 5, 100, 5], [5, 5, 5, 5, 5, 100], base]
+    cells += [[100, 5, 5, 5, 5, 100], [100, 5, 5, 100, 5, 5]]
     labels = datasets.gate_labels(np.array(cells * 3, dtype=float), proteins)
-    assert labels[:6].tolist() == ["CD4 T", "CD8 T", "B", "NK", "Monocyte", datasets.OTHER]
+    expected = ["CD4 T", "CD8 T", "B", "NK", "Monocyte"] + [datasets.OTHER] * 3
+    assert labels[:8].tolist() == expected
 
 
 def _toy(rng, n=60) -> datasets.BenchData:

@@ -48,12 +48,14 @@ PBMC_EXTRA_PROTEIN_TO_GENE: dict[str, tuple[str, ...]] = {
 
 # Protein gates for the CITE-seq sets, which ship without labels: a cell gets the type whose
 # markers are all high (z-scored CLR above GATE_MIN; "-" marks a marker that must be low).
+# Every non-T gate excludes CD3+ cells, as flow cytometry gates do: without it, T cells with
+# CD14 or CD19 antibody background were labelled monocytes or B cells (README, "Datasets").
 GATES: dict[str, tuple[tuple[str, ...], ...]] = {
     "CD4 T": (("CD3",), ("CD4",)),
     "CD8 T": (("CD3",), ("CD8", "CD8a")),
-    "B": (("CD19", "CD20"),),
+    "B": (("CD19", "CD20"), ("-CD3",)),
     "NK": (("CD56",), ("-CD3",)),
-    "Monocyte": (("CD14",),),
+    "Monocyte": (("CD14",), ("-CD3",)),
 }
 GATE_MIN = 0.5
 
