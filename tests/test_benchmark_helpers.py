@@ -95,6 +95,13 @@ def _toy(rng, n=60) -> datasets.BenchData:
     )
 
 
+def test_likelihoods_default_to_nb():
+    ds = _toy(np.random.default_rng(0))
+    assert [ds.likelihood(m) for m in ds.modalities] == ["nb", "nb"]
+    ds.likelihoods = {"b": "log1pnormal"}
+    assert [ds.likelihood(m) for m in ds.modalities] == ["nb", "log1pnormal"]
+
+
 def test_evaluate_perfect_embedding():
     rng = np.random.default_rng(0)
     ds = _toy(rng)

@@ -167,7 +167,7 @@ def main(argv=None) -> None:
                 config = {
                     "modalities": ds.modalities,
                     "labels": {m: m in ds.train_labels for m in ds.modalities},
-                    "likelihood": {m: "nb" for m in ds.modalities},
+                    "likelihood": {m: ds.likelihood(m) for m in ds.modalities},
                     "n_latent": args.n_latent,
                     "epochs": epochs,
                     "batch_size": args.batch_size,
