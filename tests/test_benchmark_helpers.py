@@ -119,6 +119,12 @@ def test_evaluate_perfect_embedding():
     assert out["celltype_asw"] > 0.9 and out["mixing_entropy"] > 0.9
     assert out["impute_pearson"] == pytest.approx(1.0)
     assert "classifier_accuracy" not in out  # no classifier output given
+    below = np.array(counts, dtype=float) * 3.0
+    below[::7, 2] = -0.5  # a log1pnormal mean in (-1, 0) scores as a zero count
+    zeroed = np.clip(below, 0, None)
+    scored_below = scoring.evaluate(ds, latents, before, imputed=below)["impute_pearson"]
+    assert np.isfinite(scored_below)
+    assert scored_below == scoring.evaluate(ds, latents, before, imputed=zeroed)["impute_pearson"]
     assert set(out) <= set(scoring.METRICS)
     predicted = np.asarray(labels).copy()
     predicted[:3] = "wrong"

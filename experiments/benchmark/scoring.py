@@ -106,7 +106,8 @@ def evaluate(
         for prefix, values in (("impute", imputed), ("impute_decoder", imputed_decoder)):
             if values is None:
                 continue
-            predicted = log_normalise(np.asarray(values, dtype=np.float64))
+            # a log1pnormal mean can fall in (-1, 0): as counts, below zero is zero
+            predicted = log_normalise(np.clip(np.asarray(values, dtype=np.float64), 0, None))
             scores = metrics.imputation_scores(
                 predicted[ds.pairs[:, src_col]][:, cols], measured[ds.pairs[:, tgt_col]][:, cols]
             )
