@@ -445,5 +445,5 @@ def test_per_modality_likelihood_override(compose_cfg, data):
 def test_default_config_composes(compose_cfg):
     cfg = compose_cfg([])
     assert cfg.hydra.runtime.choices["data"] == "demo"
-    assert likelihood_names(cfg) == {"rna": "nb", "protein": "nb"}
+    assert likelihood_names(cfg) == {"rna": "nb", "protein": "log1pnormal"}
     assert set(cfg.model.likelihood) == set(cfg.data.modalities)
