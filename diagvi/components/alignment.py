@@ -49,8 +49,11 @@ def adaptive_blur(
     if rule not in EPSILON_RULES:
         raise ValueError(f"unknown epsilon rule {rule!r}; expected one of {EPSILON_RULES}")
     with torch.no_grad():
-        cost = ground_cost(x.detach(), y.detach(), p) if cost is None else cost.detach()
-        stat = cost.mean() if rule == "mean" else cost.std()
+        if cost is None and rule == "mean":
+            stat = mean_cost(x.detach(), y.detach(), p)  # closed form for p = 2: no N x M matrix
+        else:
+            cost = ground_cost(x.detach(), y.detach(), p) if cost is None else cost.detach()
+            stat = cost.mean() if rule == "mean" else cost.std()
         epsilon = (scale * stat).clamp_min(1e-8)
     return float(epsilon) ** (1.0 / p)
 
@@ -171,24 +174,24 @@ class UnbalancedSinkhorn(nn.Module):
             mean_cost = cost.mean().clamp_min(1e-12)
             x, y = x / mean_cost ** (1.0 / self.p), y / mean_cost ** (1.0 / self.p)
             cost = cost / mean_cost  # the rescaled clouds' cost, reused by the blur rule
-        if cost is None:
-            with torch.no_grad():
-                cost = ground_cost(x.detach(), y.detach(), self.p)
         blur = self.current_blur(x, y, cost)
         reach = None if self.reach_scale is None else self.reach_scale * blur
-        # epsilon-scaling starts from the largest distance between the two clouds; GeomLoss'
-        # default, the diagonal of their bounding box, is several times larger in a latent of
-        # tens of dimensions and costs as many extra Sinkhorn iterations
-        diameter = max(float((self.p * cost.detach().max()) ** (1.0 / self.p)), blur)
         if self.training:
             self.step += 1
-        settings = {"p": self.p, "blur": blur, "reach": reach, "diameter": diameter}
-        if self.solver == "geomloss":
-            loss = SamplesLoss(
-                "sinkhorn", debias=True, scaling=self.scaling, backend="tensorized", **settings
+        # epsilon-scaling starts from the largest distance between the two clouds, not GeomLoss'
+        # default (the bounding box's diagonal, several times larger in tens of dimensions)
+        if self.solver == "dense":
+            return sinkhorn_divergence(
+                x, y, self.p, blur, reach, diameter="max_cost", scaling=self.scaling
             )
-            return loss(x, y)
-        return sinkhorn_divergence(x, y, scaling=self.scaling, **settings)
+        with torch.no_grad():
+            cost = ground_cost(x.detach(), y.detach(), self.p) if cost is None else cost.detach()
+        diameter = max(float((self.p * cost.max()) ** (1.0 / self.p)), blur)
+        settings = {"p": self.p, "blur": blur, "reach": reach, "diameter": diameter}
+        loss = SamplesLoss(
+            "sinkhorn", debias=True, scaling=self.scaling, backend="tensorized", **settings
+        )
+        return loss(x, y)
 
 
 @ALIGNMENTS.register("sinkhorn")

@@ -62,30 +62,30 @@ def _padded(clouds: list[torch.Tensor], size: int, fill: float = 0.0) -> torch.T
 
 
 class _SquaredCostLogSumExp(torch.autograd.Function):
-    """``log sum_j exp(h_j - |x_i - y_j|^2 / (2 eps))`` over stacks ``(K, N, D)``, ``(K, M, D)``.
+    """``log sum_j exp(h_j - C_ij / eps)`` over a stack of costs ``C_ij = |x_i - y_j|^2 / 2``.
 
-    Differentiated in ``x`` only (``y`` and ``h`` are detached where it is used), by its closed
-    form: the gradient in ``x_i`` is ``(barycentre_i - x_i) / eps`` with ``barycentre_i =
-    sum_j P_ij y_j`` and ``P`` the row-normalised kernel, one matmul in the forward. Autograd
-    through the ``N x M`` log-sum-exp and the cost would take several more passes over it.
-    ``|x_i|^2`` is taken out of the sum: the rest is one ``baddbmm``.
+    ``x`` and ``y`` are stacks ``(K, N, D)`` and ``(K, M, D)``; ``cost`` is their ``(K, N, M)``
+    ground cost, already computed (without gradient) for the Sinkhorn iterations. Differentiated
+    in ``x`` only (``y`` and ``h`` are detached where it is used), by its closed form: the
+    gradient in ``x_i`` is ``(barycentre_i - x_i) / eps`` with ``barycentre_i = sum_j P_ij y_j``
+    and ``P`` the row-normalised kernel, one matmul in the forward. Autograd through the
+    ``N x M`` log-sum-exp and the cost would take several more passes over it.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, eps: float):
-        bias = h - y.square().sum(-1) / (2 * eps)
-        scores = torch.baddbmm(bias[:, None, :], x, y.mT, alpha=1.0 / eps)
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor, h: torch.Tensor, eps):
+        scores = torch.add(h[:, None, :], cost, alpha=-1.0 / eps)
         top = scores.amax(2, keepdim=True)
         kernel = scores.sub_(top).clamp_min_(_EXP_FLOOR).exp_()  # in place
         total = kernel.sum(2)
         ctx.save_for_backward(x, torch.bmm(kernel, y).div_(total[..., None]))
         ctx.eps = eps
-        return total.log_() + top.squeeze(2) - x.square().sum(-1) / (2 * eps)
+        return total.log_() + top.squeeze(2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, barycentre = ctx.saved_tensors
-        return grad[..., None] * (barycentre - x) / ctx.eps, None, None, None
+        return grad[..., None] * (barycentre - x) / ctx.eps, None, None, None, None
 
 
 def sinkhorn_divergence(
@@ -94,7 +94,7 @@ def sinkhorn_divergence(
     p: int = 2,
     blur: float = 0.05,
     reach: float | None = None,
-    diameter: float | None = None,
+    diameter: float | str | None = None,
     scaling: float = 0.5,
 ) -> torch.Tensor:
     """De-biased Sinkhorn divergence ``S(a, b)`` between uniform measures on ``x`` and ``y``.
@@ -102,13 +102,18 @@ def sinkhorn_divergence(
     ``S = OT(a, b) - OT(a, a) / 2 - OT(b, b) / 2`` with entropic regularisation
     ``epsilon = blur^p``; with ``reach``, the marginal constraints are relaxed by a KL penalty of
     strength ``rho = reach^p`` (unbalanced OT). Same arguments and value as GeomLoss'
-    ``SamplesLoss("sinkhorn", p, blur, reach, diameter, scaling, debias=True)``.
+    ``SamplesLoss("sinkhorn", p, blur, reach, diameter, scaling, debias=True)``;
+    ``diameter="max_cost"`` starts the epsilon-scaling from the largest distance between the two
+    clouds, ``(p max_ij C_ij)^(1/p)``, read from the cost matrix the solver computes anyway
+    (GeomLoss' default, the diagonal of the bounding box, is several times larger in tens of
+    dimensions and costs as many extra iterations).
     """
     if diameter is None:
         with torch.no_grad():
             both = torch.cat([x, y]).detach()
             diameter = float((both.max(0).values - both.min(0).values).norm())
-    diameter = max(diameter, blur)
+    elif isinstance(diameter, str) and diameter != "max_cost":
+        raise ValueError(f"diameter must be a number, None or 'max_cost', got {diameter!r}")
     rho = None if reach is None else reach**p
     n, m = len(x), len(y)
     a_log = torch.full((n,), -math.log(n), dtype=x.dtype, device=x.device)
@@ -130,6 +135,9 @@ def sinkhorn_divergence(
     source_stack, target_stack = _padded(sources, size), _padded(targets, size).detach()
     with torch.no_grad():
         costs = ground_cost(source_stack.detach(), target_stack, p)
+        if diameter == "max_cost":
+            diameter = float((p * costs[0, :n, :m].max()) ** (1.0 / p))
+        diameter = max(diameter, blur)
 
         shifted = torch.empty_like(costs)  # one buffer for every iteration's arguments
 
@@ -150,7 +158,7 @@ def sinkhorn_divergence(
     d = -eps * damping(eps)
     h = log_weights + potentials[partner] / eps
     if p == 2:
-        stacked = _SquaredCostLogSumExp.apply(source_stack, target_stack, h, eps)
+        stacked = _SquaredCostLogSumExp.apply(source_stack, target_stack, costs, h, eps)
         f_ba, g_ab, f_aa, g_bb = (d * stacked[k, : len(s)] for k, s in enumerate(sources))
     else:
         f_ba, g_ab, f_aa, g_bb = (
