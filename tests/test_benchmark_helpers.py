@@ -142,3 +142,22 @@ def test_gene_split_is_consistent():
     assert set(ds.mapping["a"]) == set(a.var_names) & set(b.var_names)
     assert not set(ds.impute[2]) & set(a.var_names)
     assert "cell_type" in a.obs and "cell_type" not in b.obs  # the model sees a's labels only
+
+
+def test_twin_transfer_scores_the_reference_neighbourhoods():
+    rng = np.random.default_rng(1)
+    ds = _toy(rng)
+    labels = ds.labels["a"]
+    centres = {"x": 0.0, "y": 10.0, "z": 20.0}
+    separated = np.array([[centres[c], 0.0] for c in labels]) + 0.1 * rng.normal(size=(60, 2))
+    ds.labels["b"] = np.where(labels == "z", "y", labels)  # b's "z" cells are really "y"
+    out = scoring.twin_transfer(ds, separated)
+    # every z twin votes z: exactly the relabelled cells leak, and only they are wrong
+    assert out["unshared_transfer"] == pytest.approx(np.mean(labels == "z"))
+    assert out["transfer_accuracy"] == pytest.approx(1 - np.mean(labels == "z"))
+    ds.labels["b"] = labels
+    mixed = rng.normal(size=(60, 2))  # no structure: the types cannot be told apart
+    assert scoring.twin_transfer(ds, mixed)["transfer_accuracy"] < 0.8
+    ds.pairs = None
+    with pytest.raises(ValueError, match="no pairing"):
+        scoring.twin_transfer(ds, separated)

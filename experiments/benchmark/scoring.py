@@ -114,3 +114,32 @@ def evaluate(
             out[f"{prefix}_pearson"] = scores["pearson"]
             out[f"{prefix}_spearman"] = scores["spearman"]
     return out
+
+
+def twin_transfer(ds: BenchData, z_ref: np.ndarray, k: int = K) -> dict[str, float]:
+    """kNN label transfer if every cell of modality 1 sat exactly on its twin in modality 0.
+
+    A perfect integration of paired data places query cell ``j`` where its twin ``i``
+    (``ds.pairs``) is in ``z_ref``, a representation of modality 0's cells. What
+    ``transfer_accuracy`` and ``unshared_transfer`` then score is the best any integration into
+    that representation can reach: how well modality 0's own neighbourhoods tell the types
+    apart. (The twin itself is among its ``k`` nearest reference cells and votes.)
+    """
+    if ds.pairs is None:
+        raise ValueError(f"{ds.name} has no pairing: twin transfer needs paired cells")
+    a, b = ds.modalities
+    la, lb = ds.labels[a], ds.labels[b]
+    ka = _labelled(la)
+    query = np.full((ds.adatas[b].n_obs, z_ref.shape[1]), np.nan)
+    query[ds.pairs[:, 1]] = z_ref[ds.pairs[:, 0]]
+    twinned = ~np.isnan(query[:, 0])
+    out: dict[str, float] = {}
+    kb = _labelled(lb) & twinned if lb is not None else twinned[:0]
+    if ka.any() and kb.any():
+        scores = metrics.label_transfer(z_ref[ka], la[ka], query[kb], lb[kb], k=k)
+        out["transfer_accuracy"] = scores["accuracy"]
+    if ds.missing_type is not None:
+        out["unshared_transfer"] = metrics.unshared_transfer_fraction(
+            z_ref[ka], la[ka], query[twinned], ds.missing_type, k=k
+        )
+    return out
