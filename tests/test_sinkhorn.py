@@ -65,3 +65,14 @@ def test_alignment_solvers_agree(feature_weight):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="solver"):
         UnbalancedSinkhorn(solver="keops")
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_diameter_from_the_cost_matrix(p):
+    x, y = clouds(40, 30, seed=5)
+    largest = float(torch.cdist(x, y).max())  # (p * max C)^(1/p) for either cost
+    from_cost = sinkhorn_divergence(x, y, p=p, blur=0.1, reach=1.0, diameter="max_cost")
+    given = sinkhorn_divergence(x, y, p=p, blur=0.1, reach=1.0, diameter=largest)
+    torch.testing.assert_close(from_cost, given)
+    with pytest.raises(ValueError, match="max_cost"):
+        sinkhorn_divergence(x, y, diameter="largest")
