@@ -108,12 +108,13 @@ def sinkhorn_divergence(
     (GeomLoss' default, the diagonal of the bounding box, is several times larger in tens of
     dimensions and costs as many extra iterations).
     """
+    from_cost = isinstance(diameter, str)
+    if from_cost and diameter != "max_cost":
+        raise ValueError(f"diameter must be a number, None or 'max_cost', got {diameter!r}")
     if diameter is None:
         with torch.no_grad():
             both = torch.cat([x, y]).detach()
             diameter = float((both.max(0).values - both.min(0).values).norm())
-    elif isinstance(diameter, str) and diameter != "max_cost":
-        raise ValueError(f"diameter must be a number, None or 'max_cost', got {diameter!r}")
     rho = None if reach is None else reach**p
     n, m = len(x), len(y)
     a_log = torch.full((n,), -math.log(n), dtype=x.dtype, device=x.device)
@@ -135,7 +136,7 @@ def sinkhorn_divergence(
     source_stack, target_stack = _padded(sources, size), _padded(targets, size).detach()
     with torch.no_grad():
         costs = ground_cost(source_stack.detach(), target_stack, p)
-        if diameter == "max_cost":
+        if from_cost:
             diameter = float((p * costs[0, :n, :m].max()) ** (1.0 / p))
         diameter = max(diameter, blur)
 
