@@ -121,9 +121,10 @@ def twin_transfer(ds: BenchData, z_ref: np.ndarray, k: int = K) -> dict[str, flo
 
     A perfect integration of paired data places query cell ``j`` where its twin ``i``
     (``ds.pairs``) is in ``z_ref``, a representation of modality 0's cells. What
-    ``transfer_accuracy`` and ``unshared_transfer`` then score is the best any integration into
-    that representation can reach: how well modality 0's own neighbourhoods tell the types
-    apart. (The twin itself is among its ``k`` nearest reference cells and votes.)
+    ``transfer_accuracy`` and ``unshared_transfer`` then score is how well modality 0's own
+    neighbourhoods tell the types apart: a reference level, not a bound (an integration may
+    place a cell where its neighbours vote better than its twin's). The twin itself is among
+    its ``k`` nearest reference cells and votes.
     """
     if ds.pairs is None:
         raise ValueError(f"{ds.name} has no pairing: twin transfer needs paired cells")

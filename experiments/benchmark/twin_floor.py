@@ -5,9 +5,9 @@
 For every paired, labelled dataset of a finished benchmark run (``run.py --work-dir``), scores
 label transfer twice in each embedding of modality 0: as the benchmark does (modality 1's cells
 where the method put them) and with every cell of modality 1 placed on its own twin
-(:func:`experiments.benchmark.scoring.twin_transfer`). The second is the ceiling of transfer and
-the floor of leakage into an absent type that the embedding of modality 0 allows; modality 0's
-own PCA (the benchmark's ``before``) shows what its measurements allow at all.
+(:func:`experiments.benchmark.scoring.twin_transfer`): what perfect pairing into that embedding
+gives, a reference level (not a bound: a method may place a cell better than its twin).
+Modality 0's own PCA (the benchmark's ``before``) shows what its measurements alone give.
 """
 
 from __future__ import annotations
@@ -32,16 +32,19 @@ KEYS = ("transfer_accuracy", "unshared_transfer")
 
 def rows(ds: datasets.BenchData, work: Path) -> list[dict]:
     a = ds.modalities[0]
-    embeddings = {"own PCA of modality 0": ({a: modality_pca(ds.adatas[a].layers["counts"])}, "")}
-    embeddings["joint_pca"] = (baseline(ds, n_latent=20)[0], "")
+    embeddings = [
+        ("own PCA of modality 0", {a: modality_pca(ds.adatas[a].layers["counts"])}),
+        ("joint_pca", baseline(ds, n_latent=20)[0]),
+    ]
     for run in sorted(work.glob(f"{ds.name}/*_seed*")):
         if (run / f"latent_{a}.npy").exists():
-            method, seed = run.name.rsplit("_seed", 1)
-            latents = {m: np.load(run / f"latent_{m}.npy") for m in ds.modalities}
-            embeddings[f"{method} {seed}"] = (latents, method)
+            method = run.name.rsplit("_seed", 1)[0]
+            embeddings.append(
+                (method, {m: np.load(run / f"latent_{m}.npy") for m in ds.modalities})
+            )
     out = []
-    for name, (latents, method) in embeddings.items():
-        row = {"dataset": ds.name, "embedding": method or name}
+    for label, latents in embeddings:
+        row = {"dataset": ds.name, "embedding": label}
         row |= {f"twin {k}": v for k, v in scoring.twin_transfer(ds, latents[a]).items()}
         if len(latents) == 2:  # where the method put modality 1's cells
             scores = scoring.evaluate(ds, latents, before=latents)
