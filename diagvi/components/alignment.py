@@ -104,7 +104,7 @@ class UnbalancedSinkhorn(nn.Module):
         p: int = 2,
         blur_mode: str = "adaptive",
         epsilon_rule: str = "mean",
-        epsilon_scale: float = 0.05,
+        epsilon_scale: float = 0.02,
         blur: float = 0.05,
         blur_start: float = 1.0,
         anneal_steps: int = 1000,
