@@ -76,3 +76,24 @@ def test_diameter_from_the_cost_matrix(p):
     torch.testing.assert_close(from_cost, given)
     with pytest.raises(ValueError, match="max_cost"):
         sinkhorn_divergence(x, y, diameter="largest")
+
+
+def test_calls_sharing_scratch_memory_keep_their_own_values_and_gradients():
+    torch.manual_seed(3)
+    clouds = [
+        (torch.randn(n, 4, requires_grad=True), torch.randn(m, 4) + 1)
+        for n, m in ((30, 20), (12, 25))
+    ]
+    alone = []
+    for x, y in clouds:
+        value = sinkhorn_divergence(x, y, blur=0.3, reach=1.0, diameter="max_cost")
+        (grad,) = torch.autograd.grad(value, x)
+        alone.append((value.detach(), grad))
+    # both forwards before either backward: the second call reuses the first one's scratch
+    values = [
+        sinkhorn_divergence(x, y, blur=0.3, reach=1.0, diameter="max_cost") for x, y in clouds
+    ]
+    grads = torch.autograd.grad(sum(values), [x for x, _ in clouds])
+    for value, grad, (value_alone, grad_alone) in zip(values, grads, alone, strict=True):
+        assert torch.equal(value.detach(), value_alone)
+        assert torch.allclose(grad, grad_alone, atol=1e-6)
