@@ -50,12 +50,13 @@ def ground_cost(
 
 
 class _Workspace:
-    """Two ``(K, N, M)`` scratch arrays kept from one call to the next, per device and dtype.
+    """Two ``(K, N, M)`` scratch arrays kept from one call to the next, per dtype, on a CPU.
 
     On a CPU a fresh 1 MB array (a 256-cell minibatch's stack) is new memory from the system,
     and its first pass pays a page fault per 4 KB: about 1 ms, ten times the pass itself, for
     each of the cost stack, the iterations' arguments and the extrapolation's kernel.
-    Nothing returned aliases them: each call's results are new tensors.
+    Accelerators get fresh arrays (their caching allocators already reuse memory). Nothing
+    returned aliases them: each call's results are new tensors.
     """
 
     def __init__(self) -> None:
@@ -63,6 +64,8 @@ class _Workspace:
 
     def get(self, shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key, size = (like.device, like.dtype), math.prod(shape)
+        if like.device.type != "cpu":
+            return like.new_empty(shape), like.new_empty(shape)
         arrays = self.arrays.get(key)
         if arrays is None or arrays[0].numel() < size:
             arrays = tuple(like.new_empty(size) for _ in range(2))
@@ -102,7 +105,15 @@ class _SquaredCostLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, cost, h, eps, scratch=None):
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        cost: torch.Tensor,
+        h: torch.Tensor,
+        eps: float,
+        scratch: torch.Tensor | None = None,
+    ):
         scores = (
             torch.add(h[:, None, :], cost, alpha=-1.0 / eps)
             if scratch is None
