@@ -44,7 +44,7 @@ def ground_cost(
     # |x - y|^2 / 2 = |x|^2 / 2 + |y|^2 / 2 - x.y: one pass to broadcast the norms, and the
     # product added in place (the textbook expression makes five passes over N x M)
     norms = (x.square().sum(-1) / 2)[..., :, None], (y.square().sum(-1) / 2)[..., None, :]
-    half = torch.add(*norms) if out is None else torch.add(*norms, out=out)
+    half = torch.add(*norms, out=out)
     half = half.baddbmm_(x, y.mT, alpha=-1.0) if x.dim() == 3 else half.addmm_(x, y.mT, alpha=-1.0)
     return half if p == 2 else half.mul_(2.0).clamp_min_(1e-8).sqrt_()
 
@@ -60,16 +60,16 @@ class _Workspace:
     """
 
     def __init__(self) -> None:
-        self.arrays: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.arrays: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key, size = (like.device, like.dtype), math.prod(shape)
         if like.device.type != "cpu":
             return like.new_empty(shape), like.new_empty(shape)
-        arrays = self.arrays.get(key)
+        size = math.prod(shape)
+        arrays = self.arrays.get(like.dtype)
         if arrays is None or arrays[0].numel() < size:
             arrays = tuple(like.new_empty(size) for _ in range(2))
-            self.arrays[key] = arrays
+            self.arrays[like.dtype] = arrays
         return tuple(a[:size].view(shape) for a in arrays)
 
 
@@ -96,8 +96,8 @@ class _SquaredCostLogSumExp(torch.autograd.Function):
     """``log sum_j exp(h_j - C_ij / eps)`` over a stack of costs ``C_ij = |x_i - y_j|^2 / 2``.
 
     ``x`` and ``y`` are stacks ``(K, N, D)`` and ``(K, M, D)``; ``cost`` is their ``(K, N, M)``
-    ground cost, already computed (without gradient) for the Sinkhorn iterations; ``scratch``,
-    when given, a ``(K, N, M)`` array it may overwrite. Differentiated
+    ground cost, already computed (without gradient) for the Sinkhorn iterations; ``scratch``
+    a ``(K, N, M)`` array it may overwrite. Differentiated
     in ``x`` only (``y`` and ``h`` are detached where it is used), by its closed form: the
     gradient in ``x_i`` is ``(barycentre_i - x_i) / eps`` with ``barycentre_i = sum_j P_ij y_j``
     and ``P`` the row-normalised kernel, one matmul in the forward. Autograd through the
@@ -112,13 +112,9 @@ class _SquaredCostLogSumExp(torch.autograd.Function):
         cost: torch.Tensor,
         h: torch.Tensor,
         eps: float,
-        scratch: torch.Tensor | None = None,
+        scratch: torch.Tensor,
     ):
-        scores = (
-            torch.add(h[:, None, :], cost, alpha=-1.0 / eps)
-            if scratch is None
-            else torch.add(h[:, None, :], cost, alpha=-1.0 / eps, out=scratch)
-        )
+        scores = torch.add(h[:, None, :], cost, alpha=-1.0 / eps, out=scratch)
         top = scores.amax(2, keepdim=True)
         kernel = scores.sub_(top).clamp_min_(_EXP_FLOOR).exp_()  # in place
         total = kernel.sum(2)
