@@ -62,6 +62,12 @@ class ModalitySetup:
         features are kept, with the warning, because the feature set must match the guidance
         graph and any data later passed for inference), ``"error"`` raises :class:`DataError`.
         The default keeps every output aligned with the user's cells.
+    encoder_pcs
+        Give the encoder the top ``encoder_pcs`` principal components of the modality's
+        transformed input (e.g. log1p of CP10k) instead of every feature, as GLUE's
+        ``use_rep``; the components are fitted once, on a sample of the training cells, before
+        training (:class:`diagvi.nn.PrincipalComponents`). ``None`` (default): every feature.
+        The decoder, the likelihood and the graph still see every feature.
     """
 
     layer: str | None = None
@@ -70,6 +76,7 @@ class ModalitySetup:
     unlabeled_category: str = "unknown"
     likelihood: str = "nb"
     empty: str = "warn"
+    encoder_pcs: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("layer", "batch_key", "labels_key"):
@@ -86,6 +93,14 @@ class ModalitySetup:
                 f"ModalitySetup.empty must be one of {list(EMPTY_POLICIES)}, got {self.empty!r}; "
                 "'warn' keeps all-zero cells and features, 'drop' drops the cells, 'error' refuses"
             )
+        pcs = self.encoder_pcs
+        if pcs is not None:
+            if isinstance(pcs, bool) or not isinstance(pcs, int | np.integer) or pcs < 1:
+                raise DataError(
+                    f"ModalitySetup.encoder_pcs must be a positive integer or None, got {pcs!r}; "
+                    "e.g. 30 (the encoder reads 30 principal components)"
+                )
+            object.__setattr__(self, "encoder_pcs", int(pcs))  # an h5ad gives back numpy ints
 
 
 @dataclass
@@ -138,6 +153,7 @@ class ModalitySpec:
     n_features: int
     n_batches: int
     likelihood: str
+    encoder_pcs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +174,9 @@ class DataSpec:
     ) -> DataSpec:
         """The spec of data read by :func:`read_modalities` and its guidance graph."""
         modalities = {
-            m: ModalitySpec(d.n_vars, len(d.batch_categories), d.setup.likelihood)
+            m: ModalitySpec(
+                d.n_vars, len(d.batch_categories), d.setup.likelihood, d.setup.encoder_pcs
+            )
             for m, d in data.items()
         }
         return cls(modalities, tuple(label_categories), graph)
@@ -208,6 +226,11 @@ def read_modality(name: str, adata: ad.AnnData, setup: ModalitySetup) -> Modalit
     if setup.labels_key is not None:
         _obs_column(name, adata, setup.labels_key, "labels_key")
     _support(name, setup.likelihood)
+    if setup.encoder_pcs is not None and setup.encoder_pcs > adata.n_vars:
+        raise DataError(
+            f"modality {name!r}: encoder_pcs={setup.encoder_pcs} exceeds its {adata.n_vars} "
+            f"features; give at most {adata.n_vars}, or None to encode every feature"
+        )
     batch, categories = _batches(name, adata, setup.batch_key)
     X, where = _matrix(name, adata, setup.layer)
     _check_values(name, where, X, setup.likelihood, adata)

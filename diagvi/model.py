@@ -173,7 +173,7 @@ class DIAGVI:
             ),
             encoder=a["encoder"],
         )
-        self.module.fit_linked_view(data)
+        self.module.fit_on_data(data)
         self.adatas, self.data, self.spec, self.init_args = adatas, data, spec, init_args
         self.setups = {m: setups[m] for m in data}
         self.history: pd.DataFrame | None = None
@@ -188,6 +188,7 @@ class DIAGVI:
         unlabeled_category: str = "unknown",
         likelihood: str = "nb",
         empty: str = "warn",
+        encoder_pcs: int | None = None,
     ) -> None:
         """Record how to read ``adata`` in ``adata.uns["diagvi_setup"]`` (a plain dict).
 
@@ -206,6 +207,11 @@ class DIAGVI:
         empty
             All-zero cells or features: ``"warn"`` (keep them), ``"drop"`` (drop all-zero
             cells; outputs then have fewer rows than ``adata``) or ``"error"``.
+        encoder_pcs
+            The encoder reads this many principal components of the transformed input instead
+            of every feature (as GLUE's ``use_rep``; fitted before training on up to 10,000
+            cells). Faster on thousands of genes; see ``experiments/alignment_defaults`` for
+            when it helps. ``None``: every feature.
         """
         if not isinstance(adata, ad.AnnData):
             raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
@@ -216,7 +222,7 @@ class DIAGVI:
             if key is not None and key not in adata.obs:
                 raise DataError(f"{what} {key!r} is not an obs column: {list(adata.obs.columns)}")
         setup = ModalitySetup(
-            layer, batch_key, labels_key, str(unlabeled_category), likelihood, empty
+            layer, batch_key, labels_key, str(unlabeled_category), likelihood, empty, encoder_pcs
         )
         # None values are left out: h5ad cannot store them
         adata.uns[SETUP_KEY] = {k: v for k, v in dataclasses.asdict(setup).items() if v is not None}

@@ -12,7 +12,7 @@ from torch.distributions import Distribution, Normal
 
 from diagvi.data import DataSpec, ModalityData
 from diagvi.linked import LinkedView
-from diagvi.nn import BilinearDecoder, Encoder
+from diagvi.nn import BilinearDecoder, Encoder, PrincipalComponents
 
 Batch = Mapping[str, Mapping[str, torch.Tensor]]
 
@@ -21,7 +21,8 @@ class DiagVAE(nn.Module):
     """One VAE per modality sharing a latent space, with feature embeddings from a graph encoder.
 
     Per modality ``m``: ``q(z|x)`` by an MLP encoder (x2z) on the likelihood's transform of
-    ``x``; ``eta = softplus(alpha_s) * z v_m^T + beta_s`` (z2x) with ``v_m`` the embeddings of
+    ``x`` (or on its top principal components, :attr:`pcs`, with ``encoder_pcs``);
+    ``eta = softplus(alpha_s) * z v_m^T + beta_s`` (z2x) with ``v_m`` the embeddings of
     ``m``'s features (g2v); ``p(x|eta)`` by the modality's likelihood.
 
     Loss terms (per minibatch, unweighted): ``nll/<m>`` negative log-likelihood summed over
@@ -70,8 +71,18 @@ class DiagVAE(nn.Module):
         self.names = tuple(spec.modalities)
         self.node_ranges = dict(spec.graph.node_ranges)
         mods = spec.modalities
+        self.pcs = nn.ModuleDict(
+            {
+                m: PrincipalComponents(s.n_features, s.encoder_pcs)
+                for m, s in mods.items()
+                if s.encoder_pcs is not None
+            }
+        )
         self.x2z = nn.ModuleDict(
-            {m: Encoder(s.n_features, n_latent, **(encoder or {})) for m, s in mods.items()}
+            {
+                m: Encoder(s.encoder_pcs or s.n_features, n_latent, **(encoder or {}))
+                for m, s in mods.items()
+            }
         )
         self.z2x = nn.ModuleDict(
             {m: BilinearDecoder(s.n_features, s.n_batches) for m, s in mods.items()}
@@ -96,7 +107,12 @@ class DiagVAE(nn.Module):
 
     def encode(self, name: str, x: torch.Tensor) -> Normal:
         """``q(z|x)`` of modality ``name``."""
-        return self.x2z[name](self.transform(name, x))
+        return self.x2z[name](self.encoder_input(name, self.transform(name, x)))
+
+    def encoder_input(self, name: str, transformed: torch.Tensor) -> torch.Tensor:
+        """What modality ``name``'s encoder reads: its transformed input, or the top principal
+        components of it (:attr:`pcs`)."""
+        return self.pcs[name](transformed) if name in self.pcs else transformed
 
     def transform(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The encoder's input: the likelihood's transform of ``x`` (e.g. log1p of CP10k)."""
@@ -106,30 +122,36 @@ class DiagVAE(nn.Module):
         """Each modality's cells in the guidance graph's shared coordinates (:mod:`diagvi.linked`).
 
         The model-free view of the cells that the graph gives (a joint PCA of the linked
-        features, fitted by :meth:`fit_linked_view`); the alignment uses it to decide which
+        features, fitted by :meth:`fit_on_data`); the alignment uses it to decide which
         cells to match.
         """
         return {name: self.linked(side, inputs[name]) for side, name in enumerate(self.node_ranges)}
 
     @torch.no_grad()
-    def fit_linked_view(
+    def fit_on_data(
         self, data: Mapping[str, ModalityData], max_cells: int = 10_000, seed: int = 0
     ) -> None:
-        """Fit :attr:`linked` on the encoder inputs of up to ``max_cells`` cells per modality.
+        """Fit what is fitted once before training, on up to ``max_cells`` cells per modality:
+        :attr:`linked` (the guidance graph's view) and the encoders' :attr:`pcs`.
 
-        Read 1,024 cells at a time, keeping only the linked columns, so that memory stays at
-        ``max_cells x edges`` whatever the number of features (or a backed file's size).
+        Read 1,024 cells at a time, keeping only the linked columns of a modality without
+        principal components, so that memory stays at ``max_cells x edges`` whatever the number
+        of features (or a backed file's size); ``max_cells x features`` for one with them.
         """
         rng = np.random.default_rng(seed)
         columns = {}
         for side, name in enumerate(self.node_ranges):
             n = data[name].n_obs
             idx = np.arange(n) if n <= max_cells else np.sort(rng.choice(n, max_cells, False))
-            parts = []
+            linked, full = [], []
             for start in range(0, len(idx), 1024):
-                x = data[name].rows(idx[start : start + 1024])["x"].float()
-                parts.append(self.linked.columns(side, self.transform(name, x)))
-            columns[side] = torch.cat(parts)
+                x = self.transform(name, data[name].rows(idx[start : start + 1024])["x"].float())
+                linked.append(self.linked.columns(side, x))
+                if name in self.pcs:
+                    full.append(x)
+            columns[side] = torch.cat(linked)
+            if name in self.pcs:
+                self.pcs[name].fit(torch.cat(full), seed=seed)
         self.linked.fit(columns, seed=seed)
 
     def decode(
@@ -212,7 +234,7 @@ class DiagVAE(nn.Module):
         for name in self.names:
             x, b, y = batch[name]["x"], batch[name]["batch"], batch[name]["label"]
             inputs[name] = self.transform(name, x)
-            qz = self.x2z[name](inputs[name])
+            qz = self.x2z[name](self.encoder_input(name, inputs[name]))
             z = qz.rsample()
             px = self.decode(name, z, v, b, x.sum(-1, keepdim=True))
             terms[f"nll/{name}"] = -px.log_prob(x).sum(-1).mean()

@@ -131,9 +131,10 @@ def build_model(
 ) -> DiagVILightning:
     """DiagVAE from the component config groups, wrapped in the LightningModule.
 
-    ``data``: the modalities its guidance graph's linked view is fitted on (see
-    :meth:`~diagvi.module.DiagVAE.fit_linked_view`); without it the view standardises each
-    minibatch on its own.
+    ``data``: the modalities that the guidance graph's linked view and the encoders'
+    principal components (``encoder_pcs``) are fitted on (see
+    :meth:`~diagvi.module.DiagVAE.fit_on_data`); without it the view standardises each
+    minibatch on its own, and principal components must come from a checkpoint.
     """
     module = DiagVAE(
         spec,
@@ -146,7 +147,7 @@ def build_model(
         encoder=OmegaConf.to_container(cfg_model.encoder),
     )
     if data is not None:
-        module.fit_linked_view(data)
+        module.fit_on_data(data)
     weights = {k: float(cfg_model[k]) for k in DEFAULT_WEIGHTS}
     return DiagVILightning(
         module,

@@ -203,6 +203,16 @@ def _(a, s):
     return lambda: read_modalities(a, {**s, "rna": ModalitySetup(likelihood="poisson")})
 
 
+@data_case("encoder-pcs", DataError, "ModalitySetup.encoder_pcs", "'30'", "positive integer")
+def _(a, s):
+    return lambda: ModalitySetup(encoder_pcs="30")
+
+
+@data_case("encoder-pcs-too-many", DataError, "'protein'", "encoder_pcs=5", "its 4 features")
+def _(a, s):
+    return lambda: read_modalities(a, {**s, "protein": ModalitySetup(encoder_pcs=5)})
+
+
 @data_case("modality-empty", DataError, "'protein'", "is empty", "8 cells x 0 features")
 def _(a, s):
     a["protein"] = a["protein"][:, :0].copy()

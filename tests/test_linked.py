@@ -133,6 +133,6 @@ def test_model_fits_its_view_in_chunks_on_a_sample():
     for key, value in direct.state_dict().items():
         torch.testing.assert_close(module.linked.state_dict()[key], value, rtol=1e-4, atol=1e-5)
     # a sample of fewer cells gives a view close to the full one
-    module.fit_linked_view(model.data, max_cells=600, seed=1)
+    module.fit_on_data(model.data, max_cells=600, seed=1)
     agreement = (module.linked.loadings[:, :2] * direct.loadings[:, :2]).sum(0).abs()
     assert bool((agreement > 0.9).all())
