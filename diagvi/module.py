@@ -136,22 +136,24 @@ class DiagVAE(nn.Module):
 
         Read 1,024 cells at a time, keeping only the linked columns of a modality without
         principal components, so that memory stays at ``max_cells x edges`` whatever the number
-        of features (or a backed file's size); ``max_cells x features`` for one with them.
+        of features (or a backed file's size); one ``max_cells x features`` float32 matrix for
+        a modality with them (10,000 cells x 2,000 genes: 80 MB).
         """
         rng = np.random.default_rng(seed)
         columns = {}
         for side, name in enumerate(self.node_ranges):
             n = data[name].n_obs
             idx = np.arange(n) if n <= max_cells else np.sort(rng.choice(n, max_cells, False))
-            linked, full = [], []
+            sample = torch.empty(len(idx), data[name].n_vars) if name in self.pcs else None
+            linked = []
             for start in range(0, len(idx), 1024):
                 x = self.transform(name, data[name].rows(idx[start : start + 1024])["x"].float())
                 linked.append(self.linked.columns(side, x))
-                if name in self.pcs:
-                    full.append(x)
+                if sample is not None:
+                    sample[start : start + len(x)] = x
             columns[side] = torch.cat(linked)
-            if name in self.pcs:
-                self.pcs[name].fit(torch.cat(full), seed=seed)
+            if sample is not None:
+                self.pcs[name].fit(sample, seed=seed, overwrite=True)
         self.linked.fit(columns, seed=seed)
 
     def decode(

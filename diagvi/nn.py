@@ -108,11 +108,14 @@ class PrincipalComponents(nn.Module):
         return torch.addmm(self.offset, x.to(self.components.dtype), self.components)
 
     @torch.no_grad()
-    def fit(self, x: torch.Tensor, seed: int = 0) -> PrincipalComponents:
-        """Fit the mean and the components on ``x`` (cells x features)."""
+    def fit(self, x: torch.Tensor, seed: int = 0, overwrite: bool = False) -> PrincipalComponents:
+        """Fit the mean and the components on ``x`` (cells x features).
+
+        ``overwrite=True`` centres a float32 ``x`` in place instead of in a copy.
+        """
         x = x.float()
         mean = x.mean(0)
-        centred = x - mean
+        centred = x.sub_(mean) if overwrite else x - mean
         k = self.n_components
         if min(centred.shape) <= k + 10:
             _, _, vh = torch.linalg.svd(centred, full_matrices=False)
