@@ -450,3 +450,20 @@ def test_generator_cli_writes_a_paired_labelled_pair(tmp_path):
     assert (ad.read_h5ad(again["rna"]).X != rna.X).nnz == 0
     np.testing.assert_array_equal(ad.read_h5ad(again["protein"]).X, protein.X)
     assert not list(tmp_path.glob("a/.*"))  # no temporary file left
+
+
+def test_encoder_pcs_fitted_from_disk_equal_those_fitted_in_memory(pair, small_chunks):
+    adatas, mapping, paths = pair
+    backed, _ = load_h5ad(paths, backed=True)
+    memory = {m: a.copy() for m, a in adatas.items()}
+    models = []
+    for group in (backed, memory):
+        DIAGVI.setup_anndata(group["rna"], encoder_pcs=10)
+        DIAGVI.setup_anndata(group["protein"])
+        models.append(DIAGVI(group, mapping_df=mapping, n_latent=8, n_hidden=32, seed=0))
+    on_disk, in_memory = (m.module.pcs["rna"] for m in models)
+    assert isinstance(models[0].data["rna"].X, BackedMatrix)
+    torch.testing.assert_close(on_disk.components, in_memory.components)
+    torch.testing.assert_close(on_disk.offset, in_memory.offset)
+    z_disk = models[0].get_latent_representation()["rna"]
+    np.testing.assert_allclose(z_disk, models[1].get_latent_representation()["rna"], atol=1e-5)
