@@ -16,6 +16,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from diagvi.nn import principal_axes
+
 
 def linked_pairs(graph) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-modal edges of ``graph`` as feature indices within each modality.
@@ -118,21 +120,11 @@ class LinkedView(nn.Module):
             scales.append((mean, self.scale[side] / std))
             rows.append((cols - mean) * scales[side][1] / len(cols) ** 0.5)
         stacked = torch.cat(rows)
-        k = self.n_components
-        if min(stacked.shape) <= k + 10:
-            _, singular, vh = torch.linalg.svd(stacked, full_matrices=False)
-            basis = vh.T
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                _, singular, basis = torch.svd_lowrank(stacked, q=k + 10, niter=4)
-        basis, singular = basis[:, :k], singular[:k]
+        basis, singular = principal_axes(stacked, self.n_components, seed)
         # rows were divided by sqrt(n) per side: squared singular values are the variance of
         # each component averaged over the two modalities
         self.variance.zero_()
         self.variance[: len(singular)] = singular.square() / 2
-        # a deterministic sign per component (largest loading positive): refits agree
-        basis = basis * torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
         self.loadings.zero_()
         self.loadings[:, : basis.shape[1]] = basis
         for side, projection in enumerate((self.projection_a, self.projection_b)):

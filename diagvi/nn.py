@@ -74,6 +74,27 @@ class Encoder(nn.Module):
         return Normal(self.loc(h).float(), scale, validate_args=False)
 
 
+def principal_axes(
+    centred: torch.Tensor, k: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``k`` principal axes of a centred ``cells x features`` matrix.
+
+    Returns ``(basis, singular)``: the right singular vectors as columns (``features x k``, or
+    fewer columns when the matrix has lower rank), each signed so that its largest loading is
+    positive (refits agree), and the singular values. An exact SVD for small matrices, else
+    torch's seeded randomised ``svd_lowrank`` (torch's global random state is left untouched).
+    """
+    if min(centred.shape) <= k + 10:
+        _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+        basis = vh.T
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _, singular, basis = torch.svd_lowrank(centred, q=k + 10, niter=4)
+    basis, singular = basis[:, :k], singular[:k]
+    return basis * torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True))), singular
+
+
 class PrincipalComponents(nn.Module):
     """The top ``k`` principal components of an encoder's input: ``(x - mean) @ components``.
 
@@ -115,17 +136,7 @@ class PrincipalComponents(nn.Module):
         """
         x = x.float()
         mean = x.mean(0)
-        centred = x.sub_(mean) if overwrite else x - mean
-        k = self.n_components
-        if min(centred.shape) <= k + 10:
-            _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-            basis = vh.T[:, :k]
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                basis = torch.svd_lowrank(centred, q=k + 10, niter=4)[2][:, :k]
-        # a deterministic sign per component (largest loading positive): refits agree
-        basis = basis * torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
+        basis, _ = principal_axes(x.sub_(mean) if overwrite else x - mean, self.n_components, seed)
         self.components.zero_()[:, : basis.shape[1]] = basis  # fewer cells than k: zeros
         self.offset.copy_(-(mean @ self.components))
         self.fitted.fill_(True)
