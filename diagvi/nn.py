@@ -98,10 +98,11 @@ def principal_axes(
 class PrincipalComponents(nn.Module):
     """The top ``k`` principal components of an encoder's input: ``(x - mean) @ components``.
 
-    Fitted once (:meth:`fit`) on a sample of the transformed training inputs; the mean and the
-    components are buffers, so they are saved and loaded with the model. The components are
-    centred, not scaled: on the benchmark's CITE-seq pairs they paired the modalities better
-    than z-scored or whitened ones (``experiments/alignment_defaults``, eleventh round).
+    Fitted once (:meth:`fit`) on a sample of the transformed training inputs; the components and
+    the offset ``-mean @ components`` are buffers, so they are saved and loaded with the model.
+    The components are centred, not scaled: on the benchmark's CITE-seq pairs they paired the
+    modalities better than z-scored or whitened ones (``experiments/alignment_defaults``,
+    eleventh round).
 
     Parameters
     ----------
