@@ -8,11 +8,14 @@ last extrapolation step that alone carries gradients (the envelope theorem gives
 gradient of the divergence from the converged potentials). ``tests/test_sinkhorn.py`` checks
 values and gradients against GeomLoss.
 
-Why our own: nearly all of the time goes to the exponentials of the log-sum-exps, and on a CPU
+Why our own: nearly all of the time goes to the exponentials of the log-sum-exps. On a CPU
 ``exp`` of arguments below about -87 (results that underflow float32) takes a slow path, 7-20
-times slower per element; most entries of ``h - C / epsilon`` are far below that once epsilon is
-small. :func:`logsumexp` floors the shifted arguments at ``-80`` first (``exp(-80) < 1e-34``
-relative to the largest term: the same value in float32 and float64 alike).
+times slower per element, and most entries of ``h - C / epsilon`` are far below that once
+epsilon is small: the shifted arguments are floored at ``-80`` first (``exp(-80) < 1e-34``
+relative to the largest term: the same value in float32 and float64 alike). And the
+log-sum-exps are taken in base 2, ``log2 sum 2^(a log2 e)``: torch's ``exp2`` is three to four
+times faster than its ``exp`` on a CPU (a ``(4, 256, 256)`` stack: 73 against 300 us), for
+the same kernel up to rounding.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import math
 import numpy as np
 import torch
 
-_EXP_FLOOR = -80.0
+_LOG2E = 1.0 / math.log(2.0)
+_EXP2_FLOOR = -80.0 * _LOG2E  # 2^floor = exp(-80)
 
 
 def logsumexp(a: torch.Tensor, dim: int) -> torch.Tensor:
     """``log sum exp`` over ``dim``, terms below ``exp(-80)`` times the largest set to that."""
+    a = a * _LOG2E
     top = a.amax(dim, keepdim=True).detach()
-    return (a - top).clamp_min(_EXP_FLOOR).exp().sum(dim).log() + top.squeeze(dim)
+    total = (a - top).clamp_min(_EXP2_FLOOR).exp2().sum(dim).log2() + top.squeeze(dim)
+    return total / _LOG2E
 
 
 def ground_cost(
@@ -114,13 +120,14 @@ class _SquaredCostLogSumExp(torch.autograd.Function):
         eps: float,
         scratch: torch.Tensor,
     ):
-        scores = torch.add(h[:, None, :], cost, alpha=-1.0 / eps, out=scratch)
+        # in base 2, as the iterations: log sum_j 2^((h_j - C_ij / eps) log2 e), / log2 e
+        scores = torch.add(h[:, None, :] * _LOG2E, cost, alpha=-_LOG2E / eps, out=scratch)
         top = scores.amax(2, keepdim=True)
-        kernel = scores.sub_(top).clamp_min_(_EXP_FLOOR).exp_()  # in place
+        kernel = scores.sub_(top).clamp_min_(_EXP2_FLOOR).exp2_()  # in place
         total = kernel.sum(2)
         ctx.save_for_backward(x, torch.bmm(kernel, y).div_(total[..., None]))
         ctx.eps = eps
-        return total.log_() + top.squeeze(2)
+        return total.log2_().add_(top.squeeze(2)).div_(_LOG2E)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -182,12 +189,14 @@ def sinkhorn_divergence(
             diameter = float((p * costs[0, :n, :m].max()) ** (1.0 / p))
         diameter = max(diameter, blur)
 
+        # the soft-min in base 2 (exp2 is several times faster than exp on a CPU):
+        # -eps log sum_j exp(s_j) = -eps ln 2 log2 sum_j 2^(s_j log2 e)
         def update(eps: float, potentials: torch.Tensor) -> torch.Tensor:
-            h = log_weights + potentials[partner] / eps
-            torch.add(h[:, None, :], costs, alpha=-1.0 / eps, out=shifted)
+            h = (log_weights + potentials[partner] / eps).mul_(_LOG2E)
+            torch.add(h[:, None, :], costs, alpha=-_LOG2E / eps, out=shifted)
             top = shifted.amax(2, keepdim=True)
-            total = shifted.sub_(top).clamp_min_(_EXP_FLOOR).exp_().sum(2)  # in place
-            return (total.log_() + top.squeeze(2)).mul_(-eps * damping(eps))
+            total = shifted.sub_(top).clamp_min_(_EXP2_FLOOR).exp2_().sum(2)  # in place
+            return (total.log2_() + top.squeeze(2)).mul_(-eps * damping(eps) / _LOG2E)
 
         eps_list = epsilon_schedule(p, diameter, blur, scaling)
         potentials = update(eps_list[0], torch.zeros_like(log_weights))
