@@ -23,11 +23,12 @@ elsewhere, which is the usual convention for such likelihoods.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributions import Distribution, Gamma, LogNormal, Normal, constraints
 from torch.distributions.utils import broadcast_all, lazy_property
+
+from diagvi import fastmath
 
 __all__ = [
     "NegativeBinomial",
@@ -71,7 +72,7 @@ def _nb_log_prob(
     if not _sparse_enough(x):
         return out + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
     flat = x.expand(out.shape).reshape(-1)
-    nonzero = _flat_nonzero(flat)
+    nonzero = fastmath.flat_nonzero(flat)
     xn = flat[nonzero]
     n_features = out.shape[-1]
     if theta.numel() == n_features:  # one value per feature
@@ -94,15 +95,6 @@ def _sparse_enough(x: torch.Tensor) -> bool:
     return bool(torch.count_nonzero(head) <= _SPARSE_ENOUGH * head.numel())
 
 
-def _flat_nonzero(flat: torch.Tensor) -> torch.Tensor:
-    """Indices of a CPU vector's nonzero entries (``int64``).
-
-    NumPy's ``flatnonzero`` of a boolean mask: 0.9 ms for 400,000 entries at 10 % nonzeros,
-    where ``Tensor.nonzero`` takes 1.8-2.1 ms on this CPU.
-    """
-    return torch.from_numpy(np.flatnonzero((flat != 0).numpy()))
-
-
 def _digamma(z: torch.Tensor) -> torch.Tensor:
     r"""``digamma(z)`` for ``z > 0``, three times faster than ``torch.digamma`` on a CPU.
 
@@ -121,7 +113,7 @@ def _digamma(z: torch.Tensor) -> torch.Tensor:
     r = w.reciprocal()
     r2 = r.square()
     poly = r2 * (1 / 12 - r2 * (1 / 120 - r2 * (1 / 252 - r2 * (1 / 240 - r2 * (1 / 132)))))
-    return torch.log(w).sub_(r.mul_(0.5)).sub_(poly).sub_(shift)
+    return fastmath.log(w).sub_(r.mul_(0.5)).sub_(poly).sub_(shift)
 
 
 class _CompositionNBLogProb(torch.autograd.Function):
@@ -150,19 +142,19 @@ class _CompositionNBLogProb(torch.autograd.Function):
     def forward(ctx, eta, library, theta, x, eps):
         mu = torch.softmax(eta, -1).mul_(library)
         t = mu + (theta + eps)
-        log_t = torch.log(t)
+        log_t = fastmath.log(t)
         out = torch.addcmul(theta * torch.log(theta + eps), theta, log_t, value=-1.0)
         ctx.eps, ctx.sparse = eps, _sparse_enough(x)
         if not ctx.sparse:
-            out += x * (torch.log(mu + eps) - log_t) + torch.lgamma(x + theta)
+            out += x * (fastmath.log(mu + eps) - log_t) + torch.lgamma(x + theta)
             out -= torch.lgamma(theta) + torch.lgamma(x + 1)
             ctx.save_for_backward(mu, t, log_t, theta, x, library)
             return out
-        nonzero = _flat_nonzero(x.reshape(-1))
+        nonzero = fastmath.flat_nonzero(x)
         at = _Nonzeros(nonzero, out.shape[-1], theta.shape[0] == 1)
         xn, mun, tn = at.take(x), at.take(mu), at.take(t)
         thetan = at.take_theta(theta)
-        counts = xn * (torch.log(mun + eps) - torch.log(tn)) + torch.lgamma(xn + thetan)
+        counts = xn * (fastmath.log(mun + eps) - fastmath.log(tn)) + torch.lgamma(xn + thetan)
         counts -= at.take_theta(torch.lgamma(theta)) if at.per_feature else torch.lgamma(thetan)
         counts -= torch.lgamma(xn + 1)
         out.reshape(-1).index_add_(0, nonzero, counts)

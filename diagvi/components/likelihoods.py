@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributions import Distribution, Normal
 
 from diagvi import distributions as D
+from diagvi import fastmath
 from diagvi.registry import LIKELIHOODS
 
 _EPS = 1e-4
@@ -55,8 +56,8 @@ class Likelihood(nn.Module):
     def transform(self, x: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
         """What the encoder sees: log1p of depth-normalised counts, log1p or identity."""
         if self.counts:
-            return torch.log1p(x * (1e4 / library.clamp_min(1.0)))
-        return torch.log1p(x) if self.nonnegative else x
+            return fastmath.log1p(x * (1e4 / library.clamp_min(1.0)))
+        return fastmath.log1p(x) if self.nonnegative else x
 
     def forward(
         self, eta: torch.Tensor, batch: torch.Tensor, library: torch.Tensor
