@@ -22,12 +22,14 @@ def _numpy_ready(t: torch.Tensor) -> bool:
 
 def log(t: torch.Tensor) -> torch.Tensor:
     """``torch.log(t)``, computed by NumPy for a CPU tensor without gradient."""
-    return torch.from_numpy(np.log(t.numpy())) if _numpy_ready(t) else torch.log(t)
+    return torch.from_numpy(np.asarray(np.log(t.numpy()))) if _numpy_ready(t) else torch.log(t)
 
 
 def log1p(t: torch.Tensor) -> torch.Tensor:
     """``torch.log1p(t)``, computed by NumPy for a CPU tensor without gradient."""
-    return torch.from_numpy(np.log1p(t.numpy())) if _numpy_ready(t) else torch.log1p(t)
+    if not _numpy_ready(t):
+        return torch.log1p(t)
+    return torch.from_numpy(np.asarray(np.log1p(t.numpy())))  # asarray: a 0-d result
 
 
 def flat_nonzero(t: torch.Tensor) -> torch.Tensor:

@@ -41,3 +41,11 @@ def test_flat_nonzero():
         fastmath.flat_nonzero(strided), torch.nonzero(strided.reshape(-1)).squeeze(1)
     )
     assert fastmath.flat_nonzero(torch.zeros(3, 4)).numel() == 0
+
+
+@pytest.mark.parametrize("name", ["log", "log1p"])
+def test_scalar_and_empty(name):
+    for x in (torch.tensor(2.5), torch.empty(0, 3)):
+        got, want = getattr(fastmath, name)(x), getattr(torch, name)(x)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
