@@ -16,20 +16,20 @@ import torch
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
-def _numpy_ready(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad
+def _elementwise(numpy_fn, torch_fn, t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad:
+        return torch.from_numpy(np.asarray(numpy_fn(t.numpy())))  # asarray: a 0-d result
+    return torch_fn(t)
 
 
 def log(t: torch.Tensor) -> torch.Tensor:
     """``torch.log(t)``, computed by NumPy for a CPU tensor without gradient."""
-    return torch.from_numpy(np.asarray(np.log(t.numpy()))) if _numpy_ready(t) else torch.log(t)
+    return _elementwise(np.log, torch.log, t)
 
 
 def log1p(t: torch.Tensor) -> torch.Tensor:
     """``torch.log1p(t)``, computed by NumPy for a CPU tensor without gradient."""
-    if not _numpy_ready(t):
-        return torch.log1p(t)
-    return torch.from_numpy(np.asarray(np.log1p(t.numpy())))  # asarray: a 0-d result
+    return _elementwise(np.log1p, torch.log1p, t)
 
 
 def flat_nonzero(t: torch.Tensor) -> torch.Tensor:
