@@ -250,6 +250,9 @@ class DiagVILightning(L.LightningModule):
     # an end-of-epoch checkpoint then matches an uninterrupted one (Lightning saves no RNG
     # state, and draws from torch's RNG at different points when it resumes).
     def on_fit_start(self) -> None:
+        # Lightning leaves the modules' mode as it finds it: after an earlier fit (or
+        # inference), the model is in eval mode, and dropout and batch statistics would be off
+        self.train()
         if self._base_seed is None:
             self._base_seed = torch.initial_seed()
 

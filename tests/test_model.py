@@ -289,6 +289,20 @@ def test_validation_runs_with_early_stopping_or_when_asked():
     assert "val/loss" in h.columns and np.isfinite(h["val/loss"]).all()
 
 
+def test_training_again_trains_in_train_mode():
+    """A second ``train()`` (or one after inference) trains with dropout on, as the first."""
+    adatas, mapping = make_synthetic_pair(n_cells=120, n_genes=30, n_proteins=6)
+    for adata in adatas.values():
+        DIAGVI.setup_anndata(adata)
+    model = DIAGVI(adatas, mapping_df=mapping, n_latent=4)
+    model.train(max_epochs=2, accelerator="cpu", batch_size=32, early_stopping=False)
+    steps = int(model.module.alignment.step)  # counts training steps only
+    assert steps > 0 and not model.module.training
+    model.get_latent_representation()
+    model.train(max_epochs=2, accelerator="cpu", batch_size=32, early_stopping=False)
+    assert int(model.module.alignment.step) == 2 * steps
+
+
 def test_knn_imputation_averages_measured_neighbours(trained):
     model, adatas, _ = trained
     protein = adatas["protein"]
