@@ -498,6 +498,16 @@ class PairedDataModule(L.LightningDataModule):
             *self._replicas(),
         )
 
+    def transfer_batch_to_device(
+        self, batch: dict[str, dict[str, torch.Tensor]], device: torch.device, dataloader_idx: int
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        # our minibatches are {modality: {name: tensor}}: Lightning's generic collection walk
+        # costs more than the copy itself (here rather than on the LightningModule, which would
+        # make Lightning warn at every fit that a data module was given)
+        return {
+            m: {k: t.to(device, non_blocking=True) for k, t in b.items()} for m, b in batch.items()
+        }
+
     def val_dataloader(self) -> DataLoader | list:
         if any(len(v) == 0 for v in self.val_idx.values()):
             return []

@@ -77,3 +77,31 @@ def test_labels_transfer_across_modalities_far_above_chance():
     for method in ("classifier", "knn"):
         predicted = model.predict_celltype("rna", "protein", method=method)["predictions"]
         assert (predicted == truth).mean() > 0.8, method
+
+
+def test_fit_moves_minibatches_without_lightning_warnings():
+    """The data module moves its ``{modality: {name: tensor}}`` minibatches itself, and a fit
+    through ``DIAGVI.train`` raises no warning about where that hook lives."""
+    import warnings
+
+    import torch
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    from diagvi.data import PairedDataModule
+
+    adatas, mapping = make_synthetic_pair(n_cells=60, n_genes=12, n_proteins=4)
+    for adata in adatas.values():
+        DIAGVI.setup_anndata(adata)
+    model = DIAGVI(adatas, mapping_df=mapping, n_latent=4)
+    dm = PairedDataModule(model.data, batch_size=16)
+    batch = next(iter(dm.train_dataloader()))
+    moved = dm.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert moved.keys() == batch.keys()
+    for m, tensors in batch.items():
+        assert moved[m].keys() == tensors.keys()
+        assert all(torch.equal(moved[m][k], t) for k, t in tensors.items())
+    data_connector.warning_cache.clear()  # Lightning warns once per process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train(max_epochs=1, accelerator="cpu", batch_size=16, early_stopping=False)
+    assert not [w for w in caught if "transfer_batch_to_device" in str(w.message)]
