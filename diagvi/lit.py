@@ -80,8 +80,9 @@ class DiagVILightning(L.LightningModule):
     logged
         Names of the epoch means (``"train/loss"``, ``"val/align"``, ...) handed to Lightning's
         ``self.log``, which loggers, the progress bar and callbacks' monitors read; ``None``:
-        all. :attr:`epoch_means` keeps every one either way. ``self.log`` costs 0.3-1 ms per
-        name and epoch: with 15 names, a tenth of an epoch of one small minibatch.
+        all. :attr:`epoch_means` keeps every one of the current (or last) epoch either way.
+        ``self.log`` costs 0.3-1 ms per name and epoch: with 15 names, a tenth of an epoch of
+        one small minibatch.
     """
 
     def __init__(
@@ -163,6 +164,8 @@ class DiagVILightning(L.LightningModule):
     def _log_epoch(self, stage: str) -> None:
         """Keep and log the epoch's size-weighted mean of every term as ``<stage>/<term>``."""
         sums, count = self._epoch_sums.pop(stage, ({}, [0]))
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return  # a few batches of the untrained model: no epoch of the history
         totals: dict[str, torch.Tensor] = {}
         for names, vector in sums.items():  # one set of terms unless some steps lacked one
             for name, value in zip((*names, "loss"), vector, strict=True):
@@ -212,6 +215,10 @@ class DiagVILightning(L.LightningModule):
         if batch_idx + 1 >= self.trainer.num_training_batches:
             self._log_epoch("train")
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        # this epoch's means only: an epoch without validation has no val/ values
+        self.epoch_means.clear()
 
     def on_train_epoch_end(self) -> None:
         if "train" in self._epoch_sums:  # an epoch cut short, e.g. by trainer.max_steps

@@ -265,6 +265,7 @@ class DIAGVI:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}")
         if max_epochs is None:
             max_epochs = default_max_epochs(max(d.n_obs for d in self.data.values()))
+        _check_positive_int(max_epochs=max_epochs, batch_size=batch_size)
         L.seed_everything(seed, verbose=False)
         dm = PairedDataModule(
             self.data, batch_size, val_fraction=1.0 - train_size, seed=seed, num_workers=num_workers
@@ -356,23 +357,36 @@ class DIAGVI:
         }
 
     def _batch_codes(self, name: str, batch, n: int) -> np.ndarray:
+        """Batch codes of ``name`` for ``n`` cells from names or indices (one, or one per cell).
+
+        A value is a batch *name* first; an integer that names no batch is an index, unless
+        the batch names are themselves integers (``obs["donor"] = 1, 2``), where reading ``1``
+        as the second batch would silently decode into the wrong one.
+        """
         categories = self.data[name].batch_categories
-        values = np.broadcast_to(np.asarray(0 if batch is None else batch, dtype=object), (n,))
+        values = _per_cell(0 if batch is None else batch, n, "target_batch", name, dtype=object)
         lookup = {c: i for i, c in enumerate(categories)}
+        integer_names = any(c.lstrip("-").isdigit() for c in categories)
         codes = np.empty(n, dtype=np.int64)
         for i, value in enumerate(values):
-            if isinstance(value, int | np.integer) and not isinstance(value, bool):
+            if str(value) in lookup:
+                codes[i] = lookup[str(value)]
+            elif (
+                isinstance(value, int | np.integer)
+                and not isinstance(value, bool)
+                and not integer_names
+            ):
                 if not 0 <= value < len(categories):
                     raise DataError(
                         f"batch index {value} out of range for modality {name!r} with "
                         f"{len(categories)} batches: {categories}"
                     )
                 codes[i] = value
-            elif str(value) in lookup:
-                codes[i] = lookup[str(value)]
             else:
+                note = " (integer batch names are read as names)" if integer_names else ""
                 raise DataError(
                     f"unknown batch {value!r} of modality {name!r}; valid batches: {categories}"
+                    + note
                 )
         return codes
 
@@ -442,7 +456,11 @@ class DIAGVI:
         n = source.n_obs
         if target_libsize is None:
             target_libsize = float(np.median(row_sums(self.data[target].X)))
-        library = np.broadcast_to(np.asarray(target_libsize, dtype=np.float32), (n,)).copy()
+        library = _per_cell(target_libsize, n, "target_libsize", target, dtype=np.float32)
+        counts = self.module.likelihood[target].counts  # continuous ones ignore the size
+        if counts and not (np.isfinite(library).all() and (library > 0).all()):
+            raise ValueError(f"target_libsize must be finite and positive, got {target_libsize!r}")
+        _check_positive_int(n_neighbors=n_neighbors)
         batch = self._batch_codes(target, target_batch, n)
         if method == "decoder":
             return inference.imputed_values(
@@ -460,7 +478,7 @@ class DIAGVI:
             z_source,
             z_target,
             reference,
-            library if self.module.likelihood[target].counts else None,
+            library if counts else None,
             k=n_neighbors,
             batch_size=batch_size,
             out=out,
@@ -499,6 +517,7 @@ class DIAGVI:
             target_modality = self._other(labeled_modality)
         self._check_name(labeled_modality)
         self._check_name(target_modality)
+        _check_positive_int(k=k)
         z = self.get_latent_representation()
         if method == "classifier":
             if self.module.classifier is None:
@@ -634,6 +653,23 @@ class DIAGVI:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{m}: {d.n_obs} x {d.n_vars}" for m, d in self.data.items())
         return f"DIAGVI({shapes}; trained={self.is_trained})"
+
+
+def _check_positive_int(**values) -> None:
+    for what, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _per_cell(value, n: int, what: str, modality: str, dtype) -> np.ndarray:
+    """``value`` as one entry per cell: a scalar is repeated, an array must have ``n`` entries."""
+    array = np.asarray(value, dtype=dtype)
+    if array.ndim > 1 or (array.ndim == 1 and len(array) != n):
+        raise DataError(
+            f"{what} for modality {modality!r} must be one value or one per cell ({n}), "
+            f"got shape {array.shape}"
+        )
+    return np.broadcast_to(array, (n,)).copy()
 
 
 def _alias(value, alias, name: str, alias_name: str):

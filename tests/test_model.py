@@ -303,6 +303,62 @@ def test_training_again_trains_in_train_mode():
     assert int(model.module.alignment.step) == 2 * steps
 
 
+def test_history_has_validation_only_where_validated():
+    """Epochs without validation have NaN there, not the last value or the sanity check's."""
+    adatas, mapping = make_synthetic_pair(n_cells=120, n_genes=30, n_proteins=6)
+    for adata in adatas.values():
+        DIAGVI.setup_anndata(adata)
+    model = DIAGVI(adatas, mapping_df=mapping, n_latent=4)
+    h = model.train(
+        max_epochs=5,
+        accelerator="cpu",
+        batch_size=32,
+        early_stopping=False,
+        check_val_every_n_epoch=2,
+    )
+    validated = h["val/loss"].notna().to_numpy()
+    assert validated.tolist() == [False, True, False, True, False]
+    assert np.isfinite(h["train/loss"]).all()
+
+
+def test_integer_batch_names_are_names_not_positions():
+    adatas, mapping = make_synthetic_pair(n_cells=80, n_genes=20, n_proteins=6)
+    protein = adatas["protein"]
+    protein.obs["donor"] = np.where(np.arange(protein.n_obs) % 2, 2, 1)  # donors 1 and 2
+    DIAGVI.setup_anndata(adatas["rna"])
+    DIAGVI.setup_anndata(protein, batch_key="donor")
+    model = DIAGVI(adatas, mapping_df=mapping, n_latent=4)
+    model.train(max_epochs=2, accelerator="cpu", batch_size=32, early_stopping=False)
+    by_int = model.get_imputed_values("rna", target_batch=1, target_libsize=1000)
+    by_name = model.get_imputed_values("rna", target_batch="1", target_libsize=1000)
+    other = model.get_imputed_values("rna", target_batch="2", target_libsize=1000)
+    assert np.allclose(by_int, by_name) and not np.allclose(by_int, other)
+    per_cell = protein.obs["donor"].to_numpy()[: adatas["rna"].n_obs]
+    mixed = model.get_imputed_values("rna", target_batch=per_cell, target_libsize=1000)
+    assert np.allclose(mixed[per_cell == 2], other[per_cell == 2])
+    with pytest.raises(DataError, match="integer batch names are read as names"):
+        model.get_imputed_values("rna", target_batch=0)
+
+
+def test_bad_arguments_fail_with_their_name(trained):
+    model, adatas, _ = trained
+    n = adatas["rna"].n_obs
+    with pytest.raises(DataError, match=rf"target_libsize .*'protein'.*one per cell \({n}\)"):
+        model.get_imputed_values("rna", target_libsize=[1000.0] * 3)
+    with pytest.raises(DataError, match="target_batch .*one per cell"):
+        model.get_imputed_values("rna", target_batch=["b0", "b1"])
+    for libsize in (-5.0, float("nan"), 0.0):
+        with pytest.raises(ValueError, match="target_libsize must be finite and positive"):
+            model.get_imputed_values("rna", target_libsize=libsize)
+    with pytest.raises(ValueError, match="n_neighbors must be a positive integer"):
+        model.get_imputed_values("rna", method="knn", n_neighbors=0)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        model.predict_celltype("rna", "protein", method="knn", k=0)
+    for kwargs in ({"batch_size": 0}, {"max_epochs": 0}, {"batch_size": 2.5}):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            model.train(accelerator="cpu", **{"max_epochs": 1, **kwargs})
+
+
 def test_knn_imputation_averages_measured_neighbours(trained):
     model, adatas, _ = trained
     protein = adatas["protein"]
