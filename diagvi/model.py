@@ -612,9 +612,15 @@ class DIAGVI:
         graph = graph_from_dict(attrs["graph"])
         setups = {m: ModalitySetup(**s) for m, s in attrs["setups"].items()}
         self = cls.__new__(cls)
-        self._build(
-            adatas, setups, attrs["init_args"], graph, categories=tuple(attrs["label_categories"])
-        )
+        # the weights drawn here are replaced by the saved ones: leave the caller's RNG alone
+        with torch.random.fork_rng(devices=[]):
+            self._build(
+                adatas,
+                setups,
+                attrs["init_args"],
+                graph,
+                categories=tuple(attrs["label_categories"]),
+            )
         for m, d in self.data.items():
             if d.batch_categories != attrs["batch_categories"][m]:
                 raise DataError(

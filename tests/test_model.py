@@ -230,7 +230,9 @@ def test_save_load_round_trip(trained, tmp_path):
     assert saved["attrs"]["var_names"]["protein"] == list(adatas["protein"].var_names)
     with pytest.raises(FileExistsError):
         model.save(tmp_path / "run")
+    state = torch.get_rng_state()
     loaded = DIAGVI.load(tmp_path / "run", adatas)
+    assert torch.equal(torch.get_rng_state(), state)  # loading leaves the caller's RNG alone
     before, after = model.get_latent_representation(), loaded.get_latent_representation()
     assert all(np.array_equal(before[m], after[m]) for m in before)
     np.testing.assert_array_equal(
