@@ -427,8 +427,9 @@ class DIAGVI:
             Cells to impute (alias ``query_adata``); default: the training cells of
             ``source_name``.
         target_batch
-            Batch of the target modality to decode into: category name or index, one value or
-            one per cell (alias ``reference_batch``). Default: the first batch.
+            Batch of the target modality to decode into: category name or index (an index only
+            when no batch name is an integer), one value or one per cell (alias
+            ``reference_batch``). Default: the first batch.
         target_libsize
             Library size in counts for count likelihoods, scalar or one per cell (alias
             ``reference_libsize``). Default: median library size of the target's training
