@@ -135,7 +135,8 @@ def write_run_outputs(
     latents = {m: latent_representation(module, d) for m, d in data.items()}
     written: dict[str, float | str] = {}
     for m, z in latents.items():
-        out = ad.AnnData(obs=adatas[m].obs.copy())
+        # the cells that were read (empty="drop" leaves out all-zero ones), in their order
+        out = ad.AnnData(obs=adatas[m].obs.loc[data[m].obs_names].copy())
         out.obsm["X_diagvi"] = z
         path = run_dir / f"latent_{m}.h5ad"
         out.write_h5ad(path)

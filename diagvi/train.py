@@ -27,6 +27,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -326,6 +327,21 @@ def _finish_wandb(loggers: list, status: str) -> None:
         wandb.finish(exit_code=0 if status in ("finished", "pruned") else 1)
 
 
+def check_monitors(callbacks: list, dm: PairedDataModule) -> None:
+    """Refuse, before training, early stopping on validation metrics that no cell will give
+    (Lightning would stop the run with an error at the end of the first epoch)."""
+    if all(len(v) for v in dm.val_idx.values()):
+        return
+    for cb in callbacks:
+        monitor = getattr(cb, "monitor", None)
+        if isinstance(cb, EarlyStopping) and str(monitor).startswith("val/"):
+            raise DataError(
+                f"early stopping monitors {monitor!r}, but no cells are held out for "
+                "validation (data.val_fraction=0): set data.val_fraction > 0, or "
+                "callbacks=no_early_stopping, or callbacks.early_stopping.monitor=train/loss"
+            )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one model as configured and write its outputs; returns the run's metrics.
 
@@ -376,6 +392,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         dm, spec, adatas = build_datamodule(cfg)
+        check_monitors(callbacks, dm)
         lit = build_model(cfg.model, spec, dm.data)
         trial = open_trial(cfg) if writer else None
         if trial_callback is not None:

@@ -160,6 +160,10 @@ RUNS = {
         ],
         "offline",
     ),
+    "no_validation_cells": (
+        ["data=synthetic", "logger=none", "data.val_fraction=0", "trainer.max_epochs=2", *FAST],
+        "disabled",
+    ),
     "bogus_likelihood": (
         ["data=synthetic", "logger=none", "model/likelihood@model.likelihood.protein=bogus"],
         "disabled",
@@ -447,3 +451,11 @@ def test_default_config_composes(compose_cfg):
     assert cfg.hydra.runtime.choices["data"] == "demo"
     assert likelihood_names(cfg) == {"rna": "nb", "protein": "log1pnormal"}
     assert set(cfg.model.likelihood) == set(cfg.data.modalities)
+
+
+def test_early_stopping_without_validation_cells_is_refused_before_training(e2e_runs):
+    rc, out = e2e_runs["no_validation_cells"].wait()
+    assert rc != 0
+    assert "early stopping monitors 'val/loss', but no cells are held out" in out, out[-2000:]
+    assert "callbacks=no_early_stopping" in out
+    assert not (e2e_runs["no_validation_cells"].run_dir / "metrics.json").exists()

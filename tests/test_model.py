@@ -361,6 +361,25 @@ def test_bad_arguments_fail_with_their_name(trained):
             model.train(accelerator="cpu", **{"max_epochs": 1, **kwargs})
 
 
+def test_run_outputs_follow_the_cells_read_when_empty_ones_are_dropped(tmp_path):
+    """``empty="drop"``: the latent files hold the kept cells, with their names."""
+    from diagvi.outputs import write_run_outputs
+
+    adatas, mapping = make_synthetic_pair(n_cells=60, n_genes=20, n_proteins=6)
+    rna = adatas["rna"]
+    rna.X = rna.X.copy()
+    rna.X[3] = 0  # an all-zero cell
+    DIAGVI.setup_anndata(rna, empty="drop")
+    DIAGVI.setup_anndata(adatas["protein"])
+    with pytest.warns(UserWarning, match="all-zero"):
+        model = DIAGVI(adatas, mapping_df=mapping, n_latent=4)
+    write_run_outputs(model.module, model.data, adatas, tmp_path)
+    latent = ad.read_h5ad(tmp_path / "latent_rna.h5ad")
+    assert latent.n_obs == rna.n_obs - 1 == latent.obsm["X_diagvi"].shape[0]
+    assert list(latent.obs_names) == [n for i, n in enumerate(rna.obs_names) if i != 3]
+    assert ad.read_h5ad(tmp_path / "latent_protein.h5ad").n_obs == adatas["protein"].n_obs
+
+
 def test_knn_imputation_averages_measured_neighbours(trained):
     model, adatas, _ = trained
     protein = adatas["protein"]
