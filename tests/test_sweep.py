@@ -170,12 +170,21 @@ def test_rerun_resumes_the_study(sweeps):
     again = Sweep(
         first.sweep_dir.parent / "again",
         first.sweep_dir,
-        [*SEARCH, "logger=none", "hydra.sweeper.n_trials=2"],
+        # still drawing start-up trials, the ones a same-seeded sampler would repeat
+        [
+            *SEARCH,
+            "logger=none",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=9",
+        ],
         "disabled",
     )
     again.wait()
     trials = load_trials(first.sweep_dir)
     assert [t.number for t in trials] == list(range(before + 2))
+    # the seeded sampler moves on: the new trials are not the first run's start-up ones again
+    earlier = [t.params for t in trials[:before]]
+    assert all(t.params not in earlier for t in trials[before:])
     storage = f"sqlite:///{first.sweep_dir}/optuna.db"
     assert optuna.study.get_all_study_names(storage) == [STUDY]
 

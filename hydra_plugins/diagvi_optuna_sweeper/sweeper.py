@@ -217,6 +217,11 @@ class DiagviOptunaSweeper(Sweeper):
                 if attempt == 2:
                     raise
                 time.sleep(1.0 + attempt)
+        seed = self.sampler_cfg.get("seed") if self.sampler_cfg else None
+        if study.trials and seed is not None and self.sampler_cfg.get("_target_") != GRID_SAMPLER:
+            # a resumed study: a sampler seeded as in the first run would draw that run's
+            # start-up trials again; the seed moves on with the trials already run
+            study.sampler = instantiate(self.sampler_cfg, seed=int(seed) + len(study.trials))
         if study.direction.name.lower() != self.direction:
             raise ValueError(
                 f"study {self.study_name!r} in {self.storage} was created to "
