@@ -30,6 +30,14 @@ def synthetic(labels: bool = True):
     return adatas, mapping
 
 
+def small_model() -> DIAGVI:
+    """An untrained model of a 120-cell synthetic pair, no labels or batches."""
+    adatas, mapping = make_synthetic_pair(n_cells=120, n_genes=30, n_proteins=6)
+    for adata in adatas.values():
+        DIAGVI.setup_anndata(adata)
+    return DIAGVI(adatas, mapping_df=mapping, n_latent=4)
+
+
 @pytest.fixture(scope="module")
 def trained():
     adatas, mapping = synthetic()
@@ -274,10 +282,7 @@ def test_plots_save_files_and_return_figures(tmp_path):
 
 
 def test_validation_runs_with_early_stopping_or_when_asked():
-    adatas, mapping = make_synthetic_pair(n_cells=120, n_genes=30, n_proteins=6)
-    for adata in adatas.values():
-        DIAGVI.setup_anndata(adata)
-    model = DIAGVI(adatas, mapping_df=mapping, n_latent=4)
+    model = small_model()
     h = model.train(max_epochs=2, accelerator="cpu", batch_size=32, early_stopping=False)
     assert len(h) == 2 and not any(c.startswith("val/") for c in h.columns)
     assert np.isfinite(h["train/loss"]).all() and h["train/skipped_steps"].eq(0).all()
@@ -293,10 +298,7 @@ def test_validation_runs_with_early_stopping_or_when_asked():
 
 def test_training_again_trains_in_train_mode():
     """A second ``train()`` (or one after inference) trains with dropout on, as the first."""
-    adatas, mapping = make_synthetic_pair(n_cells=120, n_genes=30, n_proteins=6)
-    for adata in adatas.values():
-        DIAGVI.setup_anndata(adata)
-    model = DIAGVI(adatas, mapping_df=mapping, n_latent=4)
+    model = small_model()
     model.train(max_epochs=2, accelerator="cpu", batch_size=32, early_stopping=False)
     steps = int(model.module.alignment.step)  # counts training steps only
     assert steps > 0 and not model.module.training
@@ -307,10 +309,7 @@ def test_training_again_trains_in_train_mode():
 
 def test_history_has_validation_only_where_validated():
     """Epochs without validation have NaN there, not the last value or the sanity check's."""
-    adatas, mapping = make_synthetic_pair(n_cells=120, n_genes=30, n_proteins=6)
-    for adata in adatas.values():
-        DIAGVI.setup_anndata(adata)
-    model = DIAGVI(adatas, mapping_df=mapping, n_latent=4)
+    model = small_model()
     h = model.train(
         max_epochs=5,
         accelerator="cpu",
