@@ -333,10 +333,9 @@ def check_monitors(callbacks: list, dm: PairedDataModule) -> None:
     if all(len(v) for v in dm.val_idx.values()):
         return
     for cb in callbacks:
-        monitor = getattr(cb, "monitor", None)
-        if isinstance(cb, EarlyStopping) and str(monitor).startswith("val/"):
+        if isinstance(cb, EarlyStopping) and cb.monitor.startswith("val/"):
             raise DataError(
-                f"early stopping monitors {monitor!r}, but no cells are held out for "
+                f"early stopping monitors {cb.monitor!r}, but no cells are held out for "
                 "validation (data.val_fraction=0): set data.val_fraction > 0, or "
                 "callbacks=no_early_stopping, or callbacks.early_stopping.monitor=train/loss"
             )
