@@ -294,20 +294,43 @@ def read_modalities(
     return data, categories
 
 
+def shared_order(names: Mapping[str, pd.Index], seed: int) -> dict[str, np.ndarray]:
+    """A seeded random order of each modality's cells in which a name has one rank everywhere.
+
+    The cells of all modalities are ranked together by name, so the first cells of each
+    modality's order are, as far as their names overlap, the same cells: paired data's
+    held-out cells are then measured in both modalities whatever the files' row order. For
+    modalities without shared names each order is a plain random permutation.
+    """
+    union = pd.Index(np.concatenate([np.asarray(n, dtype=object) for n in names.values()]))
+    union = union.unique()
+    rank = np.random.default_rng(seed).permutation(len(union))
+    return {
+        k: np.argsort(rank[union.get_indexer(np.asarray(n, dtype=object))], kind="stable")
+        for k, n in names.items()
+    }
+
+
 def split_indices(
-    n: int, val_fraction: float, seed: int, groups: Sequence[np.ndarray] = ()
+    n: int,
+    val_fraction: float,
+    seed: int,
+    groups: Sequence[np.ndarray] = (),
+    order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded random train/validation split of ``n`` cells.
 
     ``round(n * val_fraction)`` cells (at most ``n - 1``: training needs a cell) go to
-    validation. Every category of each code array in ``groups`` (batches, labels; negative
-    codes such as :data:`UNLABELED` are ignored) keeps at least one training cell: a category
-    whose cells all fell in validation moves one of them, at random, to training, since its
-    batch parameters or label class would otherwise never be trained.
+    validation: the first ones of ``order`` (a permutation of the cells, e.g. from
+    :func:`shared_order`; ``None``: a permutation drawn from ``seed``). Every category of each
+    code array in ``groups`` (batches, labels; negative codes such as :data:`UNLABELED` are
+    ignored) keeps at least one training cell: a category whose cells all fell in validation
+    moves one of them, at random, to training, since its batch parameters or label class
+    would otherwise never be trained.
     """
     if not 0.0 <= val_fraction <= 1.0:
         raise DataError(f"val_fraction must lie in [0, 1], got {val_fraction}; e.g. 0.1")
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = np.random.default_rng(seed).permutation(n) if order is None else np.asarray(order)
     is_val = np.zeros(n, dtype=bool)
     is_val[perm[: max(0, min(int(round(n * val_fraction)), n - 1))]] = True
     for codes in groups:
@@ -452,7 +475,8 @@ class PairedDataModule(L.LightningDataModule):
     batch_size
         Cells per modality per minibatch.
     val_fraction
-        Fraction of each modality's cells held out for validation.
+        Fraction of each modality's cells held out for validation; a cell measured in both
+        modalities (the same ``obs_name``) is held out in both.
     seed
         Seed of the split and of the minibatch order.
     num_workers
@@ -474,9 +498,11 @@ class PairedDataModule(L.LightningDataModule):
             seed,
             num_workers,
         )
-        # every batch and label class keeps a training cell (see split_indices)
+        # a cell measured in both modalities (same name) is held out in both; every batch and
+        # label class keeps a training cell (see split_indices)
+        order = shared_order({k: d.obs_names for k, d in data.items()}, seed)
         splits = {
-            k: split_indices(d.n_obs, val_fraction, seed, groups=(d.batch, d.labels))
+            k: split_indices(d.n_obs, val_fraction, seed, (d.batch, d.labels), order[k])
             for k, d in data.items()
         }
         self.train_idx = {k: s[0] for k, s in splits.items()}

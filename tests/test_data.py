@@ -18,6 +18,7 @@ from diagvi.data import (
     paired_loader,
     read_modalities,
     read_modality,
+    shared_order,
     split_indices,
 )
 from diagvi.errors import DataError
@@ -474,6 +475,40 @@ def test_split_indices_seeded():
 def test_split_indices_keeps_a_training_cell():
     train, val = split_indices(5, 1.0, seed=0)
     assert len(train) == 1 and len(val) == 4
+
+
+def test_shared_order_ranks_a_name_alike_in_every_modality():
+    names = {"a": pd.Index(list("pqrstuvw")), "b": pd.Index(list("wvutsrqp"))}
+    order = shared_order(names, seed=4)
+    for k in names:
+        np.testing.assert_array_equal(np.sort(order[k]), np.arange(8))
+    np.testing.assert_array_equal(names["a"][order["a"]], names["b"][order["b"]])
+    # disjoint names: each order is its own random permutation, seeded
+    disjoint = shared_order({"a": pd.Index(["x1", "x2", "x3"]), "b": pd.Index(["y1"])}, seed=4)
+    np.testing.assert_array_equal(np.sort(disjoint["a"]), np.arange(3))
+    assert not np.array_equal(order["a"], shared_order(names, seed=5)["a"])
+
+
+def test_paired_cells_are_held_out_together_whatever_the_row_order():
+    adatas, _ = make_synthetic_pair(n_cells=300, n_genes=20, n_proteins=8, seed=0)
+    rng = np.random.default_rng(0)
+    protein = adatas["protein"][rng.permutation(300)].copy()  # same cells, other row order
+    data, _ = read_modalities(
+        {"rna": adatas["rna"], "protein": protein},
+        {"rna": ModalitySetup(), "protein": ModalitySetup()},
+    )
+    dm = PairedDataModule(data, val_fraction=0.2, seed=1)
+    held = {k: set(data[k].obs_names[dm.val_idx[k]]) for k in data}
+    assert len(held["rna"]) == 60 and held["rna"] == held["protein"]
+
+    # protein measured on a subset of the cells: most of its held-out cells are the RNA's
+    data, _ = read_modalities(
+        {"rna": adatas["rna"], "protein": protein[:150].copy()},
+        {"rna": ModalitySetup(), "protein": ModalitySetup()},
+    )
+    dm = PairedDataModule(data, val_fraction=0.2, seed=1)
+    held = {k: set(data[k].obs_names[dm.val_idx[k]]) for k in data}
+    assert len(held["protein"]) == 30 and len(held["protein"] & held["rna"]) >= 20
 
 
 # ---------------------------------------------------------------------------------------------
