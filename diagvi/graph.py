@@ -345,13 +345,47 @@ def _as_numpy(graph: Data, key: str) -> np.ndarray:
     raise TypeError(f"graph.{key} must be a torch.Tensor, got {type(value).__name__}")
 
 
+def _in_feature_order(
+    graph: Data, ei: np.ndarray, mods: tuple[str, str], sizes: tuple[int, int]
+) -> np.ndarray:
+    """``edge_index`` numbered as ``mods`` (first modality first).
+
+    A graph that names its modalities (``modalities``, as :func:`build_guidance_graph` sets)
+    is checked against the data's and renumbered when it was built in the other order; a graph
+    without names is taken to follow ``mods``.
+    """
+    built = graph.get("modalities")
+    if built is None:
+        return ei
+    built = tuple(str(m) for m in built)
+    if sorted(built) != sorted(mods):
+        raise DataError(
+            f"guidance graph was built for modalities {list(built)}, but the data's are "
+            f"{list(mods)}; build it from these modalities' features"
+        )
+    ranges = graph.get("node_ranges") or {}
+    for mod, size in zip(mods, sizes, strict=True):
+        if mod in ranges and ranges[mod][1] - ranges[mod][0] != size:
+            lo, hi = ranges[mod]
+            raise DataError(
+                f"guidance graph has {hi - lo} nodes for {mod!r}, whose data have {size} "
+                "features; build it from these data's var_names"
+            )
+    if built == mods or ((ei < 0) | (ei >= sum(sizes))).any():  # out of range: checked below
+        return ei
+    # built as (mods[1], mods[0]): its first sizes[1] nodes are mods[1]'s features
+    return np.where(ei < sizes[1], ei + sizes[0], ei - sizes[1])
+
+
 def validate_graph(graph: Data, features: Features) -> Data:
     """Check a user-supplied guidance graph against the features.
 
     The graph must have ``edge_index``, ``edge_weight`` and ``edge_sign``,
-    ``num_nodes == G1 + G2``, in-range integer indices, weights in ``(0, 1]``, signs
-    ``-1``/``+1``, a sign +1 self-loop on every node, the reverse of every edge with
-    the same weight and sign, no duplicate edge and at least one cross-modal edge.
+    ``num_nodes == G1 + G2`` (the first modality's features first; a graph whose
+    ``modalities`` name them in the other order is renumbered), in-range integer indices,
+    weights in ``(0, 1]``, signs ``-1``/``+1``, a sign +1 self-loop on every node, the
+    reverse of every edge with the same weight and sign, no duplicate edge and at least one
+    cross-modal edge.
 
     Returns
     -------
@@ -389,6 +423,7 @@ def validate_graph(graph: Data, features: Features) -> Data:
             f"edge_index must be an integer array of shape (2, E), got {ei.dtype} {ei.shape}; "
             "convert it with .long() (and transpose an (E, 2) array)"
         )
+    ei = _in_feature_order(graph, ei, mods, (n1, n2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PyG warns when it infers num_nodes from edge_index
         num_nodes = graph.num_nodes

@@ -54,7 +54,8 @@ def check_invariants(g, n1=N1, n2=N2):
         assert edges[(c, r)] == ws
     keys = (g.edge_index[0] * n + g.edge_index[1]).tolist()
     assert keys == sorted(keys)
-    validate_graph(g, {"a": list(map(str, range(n1))), "b": list(map(str, range(n2)))})
+    a, b = g.modalities
+    validate_graph(g, {a: list(map(str, range(n1))), b: list(map(str, range(n2)))})
 
 
 def cross(g):
@@ -274,6 +275,22 @@ def test_validate_roundtrip_and_copy():
     assert set(raw.keys()) == {*before, "num_nodes"}
     for k, v in before.items():
         assert raw[k].dtype == v.dtype and torch.equal(raw[k], v)
+
+
+def test_validate_renumbers_a_graph_built_in_the_other_modality_order():
+    mapping = pd.DataFrame({"rna": ["CD3E", "CD4"], "protein": ["CD3", "CD4"]})
+    g = graph_from_mapping(FEATURES, mapping)
+    swapped = {"protein": FEATURES["protein"], "rna": FEATURES["rna"]}
+    out = validate_graph(g, swapped)
+    assert out.modalities == ("protein", "rna")
+    names = np.array(FEATURES["protein"] + FEATURES["rna"])
+    row, col = out.edge_index.numpy()
+    links = {(names[r], names[c]) for r, c in zip(row, col, strict=True) if r < N2 <= c}
+    assert links == {("CD3", "CD3E"), ("CD4", "CD4")}
+    with pytest.raises(DataError, match=r"built for modalities \['rna', 'protein'\]"):
+        validate_graph(g, {"rna": FEATURES["rna"], "adt": FEATURES["protein"]})
+    with pytest.raises(DataError, match="4 nodes for 'rna', whose data have 5 features"):
+        validate_graph(g, {"rna": FEATURES["rna"] + ["X"], "protein": FEATURES["protein"][:4]})
 
 
 def _graph(**changes):
