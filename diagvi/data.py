@@ -10,6 +10,7 @@ chunk by chunk, and the sampler shuffles chunks rather than single cells.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -261,29 +262,50 @@ def _label_values(name: str, adata: ad.AnnData, setup: ModalitySetup) -> pd.Seri
 
 
 def read_modalities(
-    adatas: Mapping[str, ad.AnnData], setups: Mapping[str, ModalitySetup]
+    adatas: Mapping[str, ad.AnnData],
+    setups: Mapping[str, ModalitySetup],
+    categories: Sequence[str] | None = None,
+    batch_categories: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[dict[str, ModalityData], tuple[str, ...]]:
     """Read both modalities and encode their labels against one shared list of classes.
 
     Applies each modality's ``empty`` policy (:func:`diagvi.checks.handle_empty`).
 
+    Parameters
+    ----------
+    adatas, setups
+        The AnnData objects and their setups, by modality.
+    categories, batch_categories
+        A saved model's label classes and batch names per modality: labels and batches are
+        then encoded by name against them (a class or batch they lack is an error), and a
+        modality may lack its labels column or hold no labelled cell (its cells are unlabelled).
+
     Returns
     -------
     tuple
         The per-modality data and the label categories (sorted union of the labelled classes
-        of every modality; the unlabelled category is never a class).
+        of every modality, or ``categories``; the unlabelled category is never a class).
     """
     adatas = check_adatas(adatas)
     _check_setups(adatas, setups)
+    saved = categories is not None
+    if saved:  # a saved model on new cells, which may carry no labels
+        setups = {m: _labels_if_present(adatas[m], s) for m, s in setups.items()}
     data, labels = {}, {}
     for name, adata in adatas.items():
         data[name], kept = handle_empty(read_modality(name, adata, setups[name]))
+        if batch_categories is not None:
+            _recode_batches(data[name], list(batch_categories[name]))
         if setups[name].labels_key is not None:
             labels[name] = _label_values(name, adata, setups[name]).iloc[kept]
-    categories = tuple(sorted({v for values in labels.values() for v in values.dropna()}))
+    found = sorted({v for values in labels.values() for v in values.dropna()})
+    if not saved:
+        categories = tuple(found)
+    elif unknown := sorted(set(found) - set(categories)):
+        raise DataError(f"labels {unknown} were not classes of the saved model: {list(categories)}")
     for name, values in labels.items():
         setup = setups[name]
-        if values.isna().all():
+        if values.isna().all() and not saved:
             raise DataError(
                 f"modality {name!r}: every cell is unlabelled in labels_key "
                 f"{setup.labels_key!r} (NaN or unlabeled_category={setup.unlabeled_category!r}); "
@@ -291,7 +313,26 @@ def read_modalities(
             )
         codes = pd.Categorical(values, categories=list(categories)).codes  # None -> -1
         data[name].labels = codes.astype(np.int64)
-    return data, categories
+    return data, tuple(categories)
+
+
+def _labels_if_present(adata: ad.AnnData, setup: ModalitySetup) -> ModalitySetup:
+    """``setup`` without its labels key when ``adata`` has no such column."""
+    if setup.labels_key is None or setup.labels_key in adata.obs:
+        return setup
+    return dataclasses.replace(setup, labels_key=None)
+
+
+def _recode_batches(d: ModalityData, saved: list[str]) -> None:
+    """Re-encode ``d``'s batch codes by name against a saved model's batches ``saved``."""
+    unknown = [b for b in d.batch_categories if b not in saved]
+    if unknown:
+        raise DataError(
+            f"modality {d.name!r}: batches {unknown} were not batches of the saved model: "
+            f"{saved}; its per-batch parameters exist for those only"
+        )
+    d.batch = np.array([saved.index(b) for b in d.batch_categories], dtype=np.int64)[d.batch]
+    d.batch_categories = saved
 
 
 def shared_order(names: Mapping[str, pd.Index], seed: int) -> dict[str, np.ndarray]:

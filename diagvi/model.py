@@ -121,18 +121,20 @@ class DIAGVI:
                     f"modality {name!r} is not set up; call DIAGVI.setup_anndata(adata, ...) first"
                 )
             setups[name] = ModalitySetup(**dict(adata.uns[SETUP_KEY]))
-        init_args = {
-            "n_latent": int(n_latent),
-            "prior": prior or ("gmm" if gmm_prior else "normal"),
-            "prior_kwargs": dict(prior_kwargs or {}),
-            "graph_encoder": graph_encoder,
-            "graph_encoder_kwargs": dict(graph_encoder_kwargs or {}),
-            "alignment": alignment,
-            "alignment_kwargs": dict(alignment_kwargs or {}),
-            "classifier": classifier,
-            "classifier_kwargs": dict(classifier_kwargs or {}),
-            "encoder": {"n_hidden": n_hidden, "n_layers": n_layers, "dropout": dropout},
-        }
+        init_args = _plain(
+            {
+                "n_latent": int(n_latent),
+                "prior": prior or ("gmm" if gmm_prior else "normal"),
+                "prior_kwargs": dict(prior_kwargs or {}),
+                "graph_encoder": graph_encoder,
+                "graph_encoder_kwargs": dict(graph_encoder_kwargs or {}),
+                "alignment": alignment,
+                "alignment_kwargs": dict(alignment_kwargs or {}),
+                "classifier": classifier,
+                "classifier_kwargs": dict(classifier_kwargs or {}),
+                "encoder": {"n_hidden": n_hidden, "n_layers": n_layers, "dropout": dropout},
+            }
+        )
         # the weights are drawn from their own stream: two models built with one seed are the
         # same model, whatever else drew from torch's global RNG before
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
@@ -142,7 +144,16 @@ class DIAGVI:
 
     # ------------------------------------------------------------------ construction
 
-    def _build(self, adatas, setups, init_args, graph=None, mapping=None, categories=None):
+    def _build(
+        self,
+        adatas,
+        setups,
+        init_args,
+        graph=None,
+        mapping=None,
+        categories=None,
+        batch_categories=None,
+    ):
         for key, registry in (
             ("prior", PRIORS),
             ("graph_encoder", GRAPH_ENCODERS),
@@ -151,10 +162,7 @@ class DIAGVI:
             registry.get(init_args[key])  # unknown names: DataError listing the known ones
         if init_args["classifier"] is not None:
             CLASSIFIERS.get(init_args["classifier"])
-        data, found = read_modalities(adatas, setups)
-        if categories is not None and tuple(found) != tuple(categories):
-            _recode_labels(data, found, categories)
-        categories = tuple(found if categories is None else categories)
+        data, categories = read_modalities(adatas, setups, categories, batch_categories)
         features = {m: d.var_names for m, d in data.items()}
         graph = build_guidance_graph(features, graph=graph, mapping=mapping)
         spec = DataSpec.from_data(data, categories, graph)
@@ -336,6 +344,7 @@ class DIAGVI:
         adatas: Mapping[str, ad.AnnData] | None = None,
         give_mean: bool = True,
         out_dir: str | Path | None = None,
+        batch_size: int = 1024,
     ) -> dict[str, np.ndarray]:
         """Latent ``z`` per modality: posterior mean (default) or one posterior sample.
 
@@ -343,13 +352,16 @@ class DIAGVI:
         training features in the training order; AnnData opened with ``backed="r"`` are read
         from disk chunk by chunk. ``out_dir``: write each modality's latent to
         ``<out_dir>/latent_<modality>.npy`` minibatch by minibatch and return read-only
-        memmaps of the files (for more cells than memory holds).
+        memmaps of the files (for more cells than memory holds). ``batch_size``: cells encoded
+        at a time.
         """
+        _check_positive_int(batch_size=batch_size)
         sources = self.data if adatas is None else {m: self._read(m, a) for m, a in adatas.items()}
         return {
             m: inference.latent_representation(
                 self.module,
                 d,
+                batch_size=batch_size,
                 give_mean=give_mean,
                 out=None if out_dir is None else Path(out_dir) / f"latent_{m}.npy",
             )
@@ -461,7 +473,7 @@ class DIAGVI:
         counts = self.module.likelihood[target].counts  # continuous ones ignore the size
         if counts and not (np.isfinite(library).all() and (library > 0).all()):
             raise ValueError(f"target_libsize must be finite and positive, got {target_libsize!r}")
-        _check_positive_int(n_neighbors=n_neighbors)
+        _check_positive_int(n_neighbors=n_neighbors, batch_size=batch_size)
         batch = self._batch_codes(target, target_batch, n)
         if method == "decoder":
             return inference.imputed_values(
@@ -554,6 +566,7 @@ class DIAGVI:
         ``adatas`` (default: the training data) may hold one or both modalities, with the
         training features in the training order; new cells are decoded in the first batch.
         """
+        _check_positive_int(n_samples=n_samples, batch_size=batch_size)
         sources = self.data if adatas is None else {m: self._read(m, a) for m, a in adatas.items()}
         return {
             m: inference.posterior_predictive(self.module, d, n_samples, batch_size)
@@ -566,7 +579,8 @@ class DIAGVI:
         """Write weights, setup, features, labels, batches and guidance graph to ``dir_path``.
 
         ``model.pt`` loads with ``torch.load(weights_only=True)``; the AnnData objects are
-        written (``<modality>.h5ad``) only with ``save_anndata=True``.
+        written (``<modality>.h5ad``) only with ``save_anndata=True`` (otherwise such files
+        left by an earlier save are removed).
         """
         path = Path(dir_path)
         if (path / MODEL_FILE).exists() and not overwrite:
@@ -586,21 +600,31 @@ class DIAGVI:
         atomic_write(
             path / MODEL_FILE, lambda f: torch.save({"state_dict": state, "attrs": attrs}, f)
         )
-        if save_anndata:
-            for m, adata in self.adatas.items():
+        for m, adata in self.adatas.items():
+            if save_anndata:
                 atomic_write(path / f"{m}.h5ad", lambda f, a=adata: a.write_h5ad(f))
+            else:  # an earlier save's data would be loaded with these weights
+                (path / f"{m}.h5ad").unlink(missing_ok=True)
 
     @classmethod
     def load(cls, dir_path: str | Path, adatas: Mapping[str, ad.AnnData] | None = None) -> DIAGVI:
         """Restore a saved model on ``adatas`` (default: the AnnData saved with it).
 
-        Feature names and order are checked against the saved ones.
+        Feature names and order are checked against the saved ones; batches and labels are
+        matched by name (``adatas`` may hold some of the saved batches, in any order, and
+        cells without labels or without the labels column).
         """
         path = Path(dir_path)
         saved = torch.load(path / MODEL_FILE, weights_only=True, map_location="cpu")
         attrs = saved["attrs"]
         if adatas is None:
-            adatas = {m: ad.read_h5ad(path / f"{m}.h5ad") for m in attrs["var_names"]}
+            files = {m: path / f"{m}.h5ad" for m in attrs["var_names"]}
+            if missing := [str(f) for f in files.values() if not f.is_file()]:
+                raise DataError(
+                    f"{missing} not found: the model was saved without its AnnData "
+                    "(save_anndata=False); pass adatas={modality: AnnData}"
+                )
+            adatas = {m: ad.read_h5ad(f) for m, f in files.items()}
         adatas = check_adatas(adatas)
         if sorted(adatas) != sorted(attrs["var_names"]):
             raise DataError(
@@ -621,13 +645,8 @@ class DIAGVI:
                 attrs["init_args"],
                 graph,
                 categories=tuple(attrs["label_categories"]),
+                batch_categories=attrs["batch_categories"],
             )
-        for m, d in self.data.items():
-            if d.batch_categories != attrs["batch_categories"][m]:
-                raise DataError(
-                    f"modality {m!r}: batches {d.batch_categories} differ from the saved "
-                    f"{attrs['batch_categories'][m]}"
-                )
         self.module.load_state_dict(saved["state_dict"])
         self.module.eval()
         self.is_trained = attrs["is_trained"]
@@ -679,19 +698,21 @@ def _per_cell(value, n: int, what: str, modality: str, dtype) -> np.ndarray:
     return np.broadcast_to(array, (n,)).copy()
 
 
+def _plain(value):
+    """``value`` with NumPy scalars and arrays as Python numbers and lists, which
+    ``torch.load(weights_only=True)`` reads back (the model file is loaded that way)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return value
+
+
 def _alias(value, alias, name: str, alias_name: str):
     if alias is None:
         return value
     if value is not None:
         raise TypeError(f"give {name} or its alias {alias_name}, not both")
     return alias
-
-
-def _recode_labels(data: Mapping[str, ModalityData], found, categories) -> None:
-    """Re-encode label codes from ``found`` classes to the saved ``categories``."""
-    unknown = sorted(set(found) - set(categories))
-    if unknown:
-        raise DataError(f"labels {unknown} were not classes of the saved model: {list(categories)}")
-    remap = np.array([list(categories).index(c) for c in found] + [UNLABELED], dtype=np.int64)
-    for d in data.values():
-        d.labels = remap[d.labels]  # UNLABELED (-1) indexes the last entry

@@ -264,6 +264,58 @@ def test_load_rejects_other_features(trained, tmp_path):
         DIAGVI.load(tmp_path / "run", {"rna": adatas["rna"], "protein": fewer})
 
 
+def test_load_matches_batches_and_labels_by_name(trained, tmp_path):
+    model, adatas, _ = trained
+    model.save(tmp_path / "run")
+    rna = adatas["rna"].copy()
+    del rna.obs["cell_type"]  # query cells without labels
+    protein = adatas["protein"][adatas["protein"].obs["batch"] == "b1"].copy()
+    protein.obs["batch"] = protein.obs["batch"].astype("category").cat.set_categories(["b1", "b0"])
+    loaded = DIAGVI.load(tmp_path / "run", {"rna": rna, "protein": protein})
+    assert loaded.data["protein"].batch_categories == ["b0", "b1"]
+    assert (loaded.data["protein"].batch == 1).all() and (loaded.data["rna"].labels == -1).all()
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation()["rna"], model.get_latent_representation()["rna"]
+    )
+    np.testing.assert_array_equal(
+        loaded.get_imputed_values("rna", target_batch="b1", target_libsize=100),
+        model.get_imputed_values("rna", target_batch="b1", target_libsize=100),
+    )
+    protein.obs["batch"] = "b9"
+    with pytest.raises(DataError, match=r"batches \['b9'\] were not batches of the saved"):
+        DIAGVI.load(tmp_path / "run", {"rna": rna, "protein": protein})
+
+
+def test_save_without_anndata_leaves_no_earlier_anndata(trained, tmp_path):
+    model, _, _ = trained
+    model.save(tmp_path / "run", save_anndata=True)
+    model.save(tmp_path / "run", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.pt"]
+    with pytest.raises(DataError, match="saved without its AnnData"):
+        DIAGVI.load(tmp_path / "run")
+
+
+def test_numpy_arguments_save_and_load(tmp_path):
+    adatas, mapping = make_synthetic_pair(n_cells=60, n_genes=20, n_proteins=6)
+    for adata in adatas.values():
+        DIAGVI.setup_anndata(adata)
+    model = DIAGVI(
+        adatas,
+        mapping_df=mapping,
+        n_latent=np.int64(4),
+        n_hidden=np.int64(32),
+        dropout=np.linspace(0, 0.2, 3)[1],
+        alignment_kwargs={"reach_scale": np.float32(5.0)},
+    )
+    model.save(tmp_path / "run")
+    loaded = DIAGVI.load(tmp_path / "run", adatas)
+    assert loaded.init_args == model.init_args
+    assert type(loaded.init_args["encoder"]["dropout"]) is float
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation()["rna"], model.get_latent_representation()["rna"]
+    )
+
+
 def test_plots_save_files_and_return_figures(tmp_path):
     from matplotlib.figure import Figure
 
@@ -358,6 +410,17 @@ def test_bad_arguments_fail_with_their_name(trained):
     for kwargs in ({"batch_size": 0}, {"max_epochs": 0}, {"batch_size": 2.5}):
         with pytest.raises(ValueError, match="must be a positive integer"):
             model.train(accelerator="cpu", **{"max_epochs": 1, **kwargs})
+    for call in (
+        lambda: model.get_imputed_values("rna", batch_size=0),
+        lambda: model.get_latent_representation(batch_size=-5),
+        lambda: model.posterior_predictive_sample(batch_size=0),
+    ):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            call()
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        model.posterior_predictive_sample(n_samples=0)
+    small, big = (model.get_latent_representation(batch_size=b)["rna"] for b in (7, 1024))
+    np.testing.assert_allclose(small, big, rtol=1e-5, atol=1e-6)
 
 
 def test_run_outputs_follow_the_cells_read_when_empty_ones_are_dropped(tmp_path):
