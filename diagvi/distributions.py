@@ -69,13 +69,14 @@ def _nb_log_prob(
     theta_log_theta = theta * torch.log(theta + eps)  # before broadcasting: often per feature
     log_theta_mu = torch.log(theta + mu + eps)
     out = theta_log_theta - theta * log_theta_mu + x * (torch.log(mu + eps) - log_theta_mu)
-    if not _sparse_enough(x):
+    if out.dim() == 0 or not _sparse_enough(x):
         return out + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
     flat = x.expand(out.shape).reshape(-1)
     nonzero = fastmath.flat_nonzero(flat)
     xn = flat[nonzero]
     n_features = out.shape[-1]
-    if theta.numel() == n_features:  # one value per feature
+    # one value per feature (a cells x 1 theta with as many cells as features is per cell)
+    if theta.dim() > 0 and theta.shape[-1] == n_features == theta.numel():
         per_feature = theta.reshape(-1)
         column = nonzero % n_features
         counts = torch.lgamma(xn + per_feature[column]) - torch.lgamma(per_feature)[column]
@@ -391,7 +392,8 @@ class NegativeBinomialMixture(Distribution):
     def sample(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         with torch.no_grad():
-            first = torch.rand(shape, dtype=self.mu1.dtype) < self.mixture_probs
+            first = torch.rand(shape, dtype=self.mu1.dtype, device=self.mu1.device)
+            first = first < self.mixture_probs
             mu = torch.where(first, self.mu1, self.mu2)
             return _nb_sample(mu, self.theta.expand(shape), torch.Size())
 

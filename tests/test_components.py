@@ -173,10 +173,13 @@ def test_likelihood_library_dependence(name):
         torch.testing.assert_close(m2, m1)
 
 
-def test_nb_mean_is_library_times_composition():
-    if "nb" not in LIKELIHOODS:
-        pytest.skip("no 'nb' likelihood registered")
-    lik = LIKELIHOODS.build("nb", n_features=N_FEATURES, n_batches=N_BATCHES)
+@pytest.mark.parametrize("name", ["nb", "nbmixture"])
+def test_count_mean_is_library_times_composition(name):
+    """Imputed values (the mean) sum to the library: the target library size is kept."""
+    lik = LIKELIHOODS.build(name, n_features=N_FEATURES, n_batches=N_BATCHES)
+    with torch.no_grad():  # parameters away from their start
+        for p in lik.parameters():
+            p.add_(torch.randn(p.shape))
     eta = torch.randn(N_CELLS, N_FEATURES)
     library = torch.tensor([[10.0], [50.0], [3.0], [200.0], [1.0]])
     mean = lik(eta, BATCH, library).mean

@@ -286,3 +286,30 @@ def test_fast_digamma_matches_torch(dtype):
     want = torch.digamma(z.double())
     relative = ((_digamma(z).double() - want).abs() / want.abs().clamp_min(1.0)).max()
     assert relative < (2e-6 if dtype == torch.float32 else 1e-10)
+
+
+def test_nb_per_cell_theta_when_cells_equal_features():
+    """A cells x 1 theta is per cell even when there are as many cells as features."""
+    mu = _t(np.arange(1.0, 10.0).reshape(3, 3))
+    theta = _t(np.array([[0.5], [2.0], [10.0]]))
+    x = torch.zeros(3, 3, dtype=torch.float64)
+    x[0, 1] = 3.0  # sparse: the nonzeros-only path
+    got = NegativeBinomial(mu, theta).log_prob(x).numpy()
+    n, p = theta.numpy(), theta.numpy() / (theta.numpy() + mu.numpy())
+    np.testing.assert_allclose(got, stats.nbinom.logpmf(x.numpy(), n, p), rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, 2.0])
+def test_count_log_prob_of_scalars(value):
+    t = torch.tensor
+    want = stats.nbinom.logpmf(value, 3.0, 3.0 / 5.0)
+    got = NegativeBinomial(t(2.0), t(3.0)).log_prob(t(value))
+    assert got.dim() == 0 and np.isclose(got.item(), want, rtol=1e-5)
+    zinb = ZeroInflatedNegativeBinomial(t(2.0), t(3.0), t(-30.0)).log_prob(t(value))
+    mixture = NegativeBinomialMixture(t(2.0), t(2.0), t(3.0), t(0.0)).log_prob(t(value))
+    assert np.isclose(zinb.item(), want, rtol=1e-5) and np.isclose(mixture.item(), want, rtol=1e-5)
+
+
+def test_mixture_samples_on_the_parameters_device():
+    meta = torch.ones(4, 3, device="meta")
+    assert NegativeBinomialMixture(meta, meta, meta, meta).sample().device.type == "meta"

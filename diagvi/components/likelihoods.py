@@ -5,10 +5,11 @@ A likelihood turns the decoder output ``eta`` (cells x features) into a
 ``px.mean`` serves imputation and ``px.sample()`` posterior predictive checks.
 
 Count likelihoods (``nb``, ``zinb``, ``nbmixture``) model the composition:
-``mean = library * softmax(eta)``. Continuous likelihoods use ``eta`` directly and ignore the
-library. Every auxiliary parameter (dispersion, scale, zero-inflation, mixture) is per batch
-and per feature, unconstrained in storage and mapped by softplus / sigmoid, so no clamp ever
-stops its gradient.
+``mean = library * softmax(eta)`` (for ``zinb`` the mean of its NB part, before the extra
+zeros; for ``nbmixture`` the mixture's mean). Continuous likelihoods use ``eta`` directly and
+ignore the library. Every auxiliary parameter (dispersion, scale, zero-inflation, mixture) is
+per batch and per feature, unconstrained in storage and mapped by softplus / sigmoid, so no
+clamp ever stops its gradient.
 """
 
 from __future__ import annotations
@@ -105,8 +106,11 @@ class ZINB(NB):
 class NBMixture(NB):
     """Two-component NB mixture (background / foreground, as for antibody counts).
 
-    Foreground mean = background mean x (1 + softplus(log_ratio)); the foreground weight
-    ``sigmoid(w_scale * eta + w_bias)`` depends on the cell through ``eta``.
+    Foreground mean = background mean x ``r``, ``r = 1 + softplus(log_ratio)``; the foreground
+    weight ``w = sigmoid(w_scale * eta + w_bias)`` depends on the cell through ``eta``. The
+    background mean is ``library * softmax(eta) / (1 + w (r - 1))``, so that the mixture's
+    mean is the composition ``library * softmax(eta)`` as for the other count likelihoods
+    (imputed values then sum to the target library size).
     """
 
     def __init__(self, n_features: int, n_batches: int) -> None:
@@ -116,11 +120,14 @@ class NBMixture(NB):
         self.w_bias = self._param(0.0)
 
     def forward(self, eta, batch, library):
-        background = _composition_mean(eta, library)
-        foreground = background * (1.0 + self._per_cell(F.softplus(self.log_ratio), batch))
+        ratio = 1.0 + self._per_cell(F.softplus(self.log_ratio), batch)
         weight_logits = self._per_cell(self.w_scale, batch) * eta + self._per_cell(
             self.w_bias, batch
         )
+        background = _composition_mean(eta, library) / (
+            1.0 + torch.sigmoid(weight_logits) * (ratio - 1.0)
+        )
+        foreground = background * ratio
         return D.NegativeBinomialMixture(
             foreground, background, self._per_cell(self.log_theta.exp(), batch), weight_logits
         )
