@@ -56,7 +56,11 @@ def _nb_log_prob(
         \log p(x) = \log\Gamma(x+\theta) - \log\Gamma(\theta) - \log\Gamma(x+1)
         + \theta \log\frac{\theta}{\theta+\mu} + x \log\frac{\mu}{\theta+\mu}
 
-    ``eps`` is added inside every logarithm, so ``mu -> 0`` stays finite. The log-gamma terms
+    ``eps`` is added inside every logarithm, so ``mu -> 0`` stays finite. The term in
+    ``theta`` alone is :math:`-\theta \log(1 + \mu / \theta)`, and the log-gamma difference
+    is differentiated by :func:`_digamma_ratio`: written as differences of logarithms (or
+    digammas) of nearly equal numbers, float32 loses the value and the gradient in ``theta``
+    once ``theta >> mu`` (genes close to Poisson). The log-gamma terms
     vanish where ``x = 0``, so they are computed on the nonzero entries only: count data are
     mostly zeros (scRNA-seq: often > 90%), and the log-gamma functions and their digamma
     gradients are the expensive part of a training step on a CPU (the other terms are cheap
@@ -66,25 +70,38 @@ def _nb_log_prob(
     synchronise with the host, and for dense data (e.g. spatial spots): gathering and
     scattering the nonzeros costs more than it saves above about 30 % nonzeros.
     """
-    theta_log_theta = theta * torch.log(theta + eps)  # before broadcasting: often per feature
-    log_theta_mu = torch.log(theta + mu + eps)
-    out = theta_log_theta - theta * log_theta_mu + x * (torch.log(mu + eps) - log_theta_mu)
+    out = -theta * torch.log1p(mu / (theta + eps))
+    out = out + x * (torch.log(mu + eps) - torch.log(theta + mu + eps))
     if out.dim() == 0 or not _sparse_enough(x):
-        return out + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
+        return out + _LgammaRatio.apply(x, theta) - torch.lgamma(x + 1)
     flat = x.expand(out.shape).reshape(-1)
     nonzero = fastmath.flat_nonzero(flat)
     xn = flat[nonzero]
     n_features = out.shape[-1]
     # one value per feature (a cells x 1 theta with as many cells as features is per cell)
     if theta.dim() > 0 and theta.shape[-1] == n_features == theta.numel():
-        per_feature = theta.reshape(-1)
-        column = nonzero % n_features
-        counts = torch.lgamma(xn + per_feature[column]) - torch.lgamma(per_feature)[column]
+        counts = _LgammaRatio.apply(xn, theta.reshape(-1)[nonzero % n_features])
     else:
         thetan = theta.expand(out.shape).reshape(-1)[nonzero]
-        counts = torch.lgamma(xn + thetan) - torch.lgamma(thetan)
+        counts = _LgammaRatio.apply(xn, thetan)
     counts = counts - torch.lgamma(xn + 1)
     return out.reshape(-1).index_add(0, nonzero, counts).view(out.shape)
+
+
+class _LgammaRatio(torch.autograd.Function):
+    r"""``lgamma(x + theta) - lgamma(theta)`` (``x``: data, no gradient), differentiated in
+    ``theta`` by :func:`_digamma_ratio`: autograd's ``digamma(x + theta) - digamma(theta)``,
+    summed per feature, cancels in float32 once ``theta >> x``."""
+
+    @staticmethod
+    def forward(ctx, x, theta):
+        ctx.save_for_backward(x, theta)
+        return torch.lgamma(x + theta) - torch.lgamma(theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, theta = ctx.saved_tensors
+        return None, (grad * _digamma_ratio(x, theta)).sum_to_size(theta.shape)
 
 
 def _sparse_enough(x: torch.Tensor) -> bool:
@@ -106,6 +123,12 @@ def _digamma(z: torch.Tensor) -> torch.Tensor:
     against ``torch.digamma`` in float64: below :math:`10^{-6}` in float32, :math:`10^{-11}` in
     float64.
     """
+    return fastmath.log(z + 6.0).sub_(_digamma_tail(z))
+
+
+def _digamma_tail(z: torch.Tensor) -> torch.Tensor:
+    """``log(z + 6) - digamma(z)``: the recurrence's shift and the series of :func:`_digamma`,
+    small (about ``6.5 / z``) where ``z`` is large."""
     w = z + 6.0
     shift = torch.reciprocal(z)
     step = z.clone()
@@ -114,22 +137,34 @@ def _digamma(z: torch.Tensor) -> torch.Tensor:
     r = w.reciprocal()
     r2 = r.square()
     poly = r2 * (1 / 12 - r2 * (1 / 120 - r2 * (1 / 252 - r2 * (1 / 240 - r2 * (1 / 132)))))
-    return fastmath.log(w).sub_(r.mul_(0.5)).sub_(poly).sub_(shift)
+    return shift.add_(r.mul_(0.5)).add_(poly)
+
+
+def _digamma_ratio(
+    x: torch.Tensor, theta: torch.Tensor, tail_theta: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""``digamma(x + theta) - digamma(theta)`` for ``x >= 0``, without the difference of two
+    nearly equal digammas: :math:`\log(1 + x / (\theta + 6))` plus the difference of
+    :func:`_digamma_tail`, small terms where ``theta`` is large; exactly 0 at ``x = 0``.
+    ``tail_theta``: ``_digamma_tail(theta)``, when known (e.g. per feature, gathered)."""
+    if tail_theta is None:
+        tail_theta = _digamma_tail(theta)
+    return fastmath.log1p(x / (theta + 6.0)).add_(tail_theta).sub_(_digamma_tail(x + theta))
 
 
 class _CompositionNBLogProb(torch.autograd.Function):
     r"""Entrywise :math:`\log NB(x; \mu, \theta)` with :math:`\mu = l\,\mathrm{softmax}(\eta)`,
     the same values as :func:`_nb_log_prob` and a hand-written gradient for ``eta`` and ``theta``.
 
-    With :math:`t = \theta + \mu + \epsilon`, the terms in :math:`x` vanish where
-    :math:`x = 0`, so on sparse data only :math:`\theta \log\theta - \theta \log t` is
-    dense; the rest is computed on the nonzeros. The gradient:
+    With :math:`t = \theta + \mu + \epsilon` and :math:`r = \mu / (\theta + \epsilon)`, the
+    terms in :math:`x` vanish where :math:`x = 0`, so on sparse data only
+    :math:`-\theta \log(1 + r)` is dense; the rest is computed on the nonzeros (the digamma
+    difference by :func:`_digamma_ratio`, as in :func:`_nb_log_prob`). The gradient:
 
     .. math::
         \frac{\partial}{\partial\mu} = \frac{x}{\mu+\epsilon} - \frac{\theta + x}{t},
         \qquad
-        \frac{\partial}{\partial\theta} = \log(\theta+\epsilon)
-        + \frac{\theta}{\theta+\epsilon} - \log t - \frac{\theta + x}{t}
+        \frac{\partial}{\partial\theta} = -\log(1 + r) + \frac{r\,\theta}{t} - \frac{x}{t}
         + \psi(x+\theta) - \psi(\theta),
 
     and through the softmax :math:`g_\eta = a - \mathrm{softmax}(\eta) \sum_j a_j` with
@@ -142,14 +177,16 @@ class _CompositionNBLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta, library, theta, x, eps):
         mu = torch.softmax(eta, -1).mul_(library)
-        t = mu + (theta + eps)
-        log_t = fastmath.log(t)
-        out = torch.addcmul(theta * torch.log(theta + eps), theta, log_t, value=-1.0)
+        theta_eps = theta + eps
+        t = mu + theta_eps
+        ratio = mu / theta_eps
+        log1p_ratio = fastmath.log1p(ratio)  # log t - log(theta + eps), without cancelling
+        out = -theta * log1p_ratio
         ctx.eps, ctx.sparse = eps, _sparse_enough(x)
         if not ctx.sparse:
-            out += x * (fastmath.log(mu + eps) - log_t) + torch.lgamma(x + theta)
+            out += x * (fastmath.log(mu + eps) - fastmath.log(t)) + torch.lgamma(x + theta)
             out -= torch.lgamma(theta) + torch.lgamma(x + 1)
-            ctx.save_for_backward(mu, t, log_t, theta, x, library)
+            ctx.save_for_backward(mu, t, ratio, log1p_ratio, theta, x, library)
             return out
         nonzero = fastmath.flat_nonzero(x)
         at = _Nonzeros(nonzero, out.shape[-1], theta.shape[0] == 1)
@@ -160,42 +197,39 @@ class _CompositionNBLogProb(torch.autograd.Function):
         counts -= torch.lgamma(xn + 1)
         out.reshape(-1).index_add_(0, nonzero, counts)
         ctx.at = at
-        ctx.save_for_backward(mu, t, log_t, theta, library, xn, mun, tn, thetan)
+        ctx.save_for_backward(mu, t, ratio, log1p_ratio, theta, library, xn, mun, tn, thetan)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         eps = ctx.eps
         if ctx.sparse:
-            mu, t, log_t, theta, library, xn, mun, tn, thetan = ctx.saved_tensors
+            mu, t, ratio, log1p_ratio, theta, library, xn, mun, tn, thetan = ctx.saved_tensors
         else:
-            mu, t, log_t, theta, x, library = ctx.saved_tensors
+            mu, t, ratio, log1p_ratio, theta, x, library = ctx.saved_tensors
         # log_prob(x).sum(-1) hands back one value per cell, expanded over the features
         if grad.dim() == 2 and grad.stride(-1) == 0:
             grad = grad[:, :1]
         g = torch.div(theta, t).mul_(grad)  # -grad * d/dmu where x = 0: grad * theta / t
         grad_theta = None
         if ctx.needs_input_grad[2]:
-            # grad * (log(theta+eps) + theta/(theta+eps) - log t - theta/t), summed to theta's rows
-            per_theta = torch.log(theta + eps) + theta / (theta + eps)
+            # d/dtheta of -theta log1p(mu / (theta + eps)) = -log1p(ratio) + ratio * theta / t
             if theta.shape[0] == 1 and grad.shape[-1] == 1:
-                grad_theta = per_theta * grad.sum() - grad.T @ log_t - g.sum(0, keepdim=True)
+                grad_theta = (ratio * g).sum(0, keepdim=True) - grad.T @ log1p_ratio
             else:
-                grad_theta = _to_rows((per_theta - log_t).mul_(grad).sub_(g), theta)
+                grad_theta = _to_rows(ratio * g - log1p_ratio * grad, theta)
         if ctx.sparse:
             at = ctx.at
             gn = at.take(grad) if grad.shape[-1] > 1 else at.take_row(grad)
             g.reshape(-1).index_add_(0, at.index, gn * xn * (1.0 / tn - 1.0 / (mun + eps)))
             if grad_theta is not None:
-                digamma_theta = (
-                    at.take_theta(torch.digamma(theta)) if at.per_feature else _digamma(thetan)
-                )
-                extra = gn * (_digamma(xn + thetan) - digamma_theta - xn / tn)
+                tail = at.take_theta(_digamma_tail(theta)) if at.per_feature else None
+                extra = gn * (_digamma_ratio(xn, thetan, tail) - xn / tn)
                 at.add_to_theta(grad_theta, extra)
         else:
             g -= grad * x * (1.0 / (mu + eps) - 1.0 / t)
             if grad_theta is not None:
-                dense = grad * (_digamma(x + theta) - torch.digamma(theta) - x / t)
+                dense = grad * (_digamma_ratio(x, theta) - x / t)
                 grad_theta = grad_theta + _to_rows(dense, theta)
         # through mu = library * softmax(eta): g_eta = a - softmax * sum(a), a = -g * mu
         g.mul_(mu)

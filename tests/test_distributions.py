@@ -9,6 +9,7 @@ from scipy import stats
 from scipy.special import expit, logsumexp
 
 from diagvi.distributions import (
+    CompositionNegativeBinomial,
     Log1pNormal,
     NegativeBinomial,
     NegativeBinomialMixture,
@@ -219,10 +220,12 @@ def test_nb_log_prob_on_nonzeros_equals_the_dense_formula_with_its_gradients(the
     from diagvi.distributions import _nb_log_prob
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.poisson(torch.rand(64, 30, generator=gen) * 0.3)  # mostly zeros
-    assert 0.05 < (x > 0).float().mean() < 0.5
-    mu = (torch.rand(64, 30, generator=gen) * 3).requires_grad_()
-    theta = (torch.rand(theta_rows, 30, generator=gen) + 0.2).requires_grad_()
+    # float64: the dense formula's own theta gradient loses digits in float32
+    x = torch.poisson(torch.rand(64, 30, generator=gen, dtype=torch.float64) * 0.3)
+    assert 0.05 < (x > 0).float().mean() < 0.5  # mostly zeros
+    mu = (torch.rand(64, 30, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    theta = torch.rand(theta_rows, 30, generator=gen, dtype=torch.float64) + 0.2
+    theta.requires_grad_()
     eps = 1e-8
 
     def dense(x, mu, theta):
@@ -313,3 +316,48 @@ def test_count_log_prob_of_scalars(value):
 def test_mixture_samples_on_the_parameters_device():
     meta = torch.ones(4, 3, device="meta")
     assert NegativeBinomialMixture(meta, meta, meta, meta).sample().device.type == "meta"
+
+
+@pytest.mark.parametrize("kind", ["composition", "plain"])
+@pytest.mark.parametrize("density", [0.1, 0.9])  # the nonzeros-only path and the dense one
+def test_nb_float32_theta_gradient_close_to_poisson(kind, density):
+    """Genes near Poisson (theta >> mu): float32 keeps the log-pmf and the theta gradient.
+
+    Written as ``theta log theta - theta log(theta + mu)`` and ``digamma(x + theta) -
+    digamma(theta)``, float32 lost both (log-pmf > 0 at x = 0; the gradient of half the
+    features had the wrong sign).
+    """
+    gen = torch.Generator().manual_seed(0)
+    cells, features, theta0 = 256, 200, 300.0
+    lib = torch.full((cells, 1), 0.5 * features / density * 0.2, dtype=torch.float64)
+    eta = torch.randn(cells, features, generator=gen, dtype=torch.float64) * 0.3
+    mu = lib * torch.softmax(eta, -1)
+    x = NegativeBinomial(mu, torch.tensor(theta0, dtype=torch.float64)).sample()
+    if density > 0.5:
+        x = x + torch.poisson(torch.full_like(x, 2.0))  # mostly nonzero
+        mu = mu + 2.0
+        lib = mu.sum(-1, keepdim=True)
+
+    def grad(dtype):
+        log_theta = torch.full((1, features), np.log(theta0), dtype=dtype, requires_grad=True)
+        e = torch.log(mu / lib).to(dtype)
+        if kind == "composition":
+            lp = CompositionNegativeBinomial(e, lib.to(dtype), log_theta.exp()).log_prob(
+                x.to(dtype)
+            )
+        else:
+            lp = NegativeBinomial(mu.to(dtype), log_theta.exp()).log_prob(x.to(dtype))
+        lp.sum(-1).mean().backward()
+        return log_theta.grad.double().reshape(-1), lp.detach().double()
+
+    (g32, lp32), (g64, lp64) = grad(torch.float32), grad(torch.float64)
+    assert ((g32 - g64).norm() / g64.norm()).item() < 0.02
+    assert (g32.sign() == g64.sign()).double().mean() > 0.98
+    assert (lp32 - lp64).abs().max() < 1e-2 and (lp32 <= 0).all()
+
+
+def test_nb_log_pmf_of_zero_for_huge_theta():
+    mu, theta = torch.tensor([[1.0]]), torch.tensor([[1e8]])
+    assert np.isclose(
+        NegativeBinomial(mu, theta).log_prob(torch.zeros(1, 1)).item(), -1.0, atol=1e-4
+    )
