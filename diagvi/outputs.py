@@ -66,6 +66,42 @@ def _cells(d: ModalityData, idx: np.ndarray) -> ModalityData:
     )
 
 
+_NEEDS = {
+    "val/foscttm": (
+        "val/foscttm needs at least 2 held-out cells measured in both modalities (same "
+        "obs_names); are the data paired (data.paired) and data.val_fraction > 0?"
+    ),
+    "val/label_transfer": (
+        "val/label_transfer needs labels (labels_key) in both modalities and labelled "
+        "held-out cells (data.val_fraction > 0)"
+    ),
+}
+
+
+def check_heldout(name: str, dm: PairedDataModule) -> None:
+    """Refuse, before training, an objective that ``dm``'s held-out cells cannot give.
+
+    ``val/foscttm`` needs two held-out cells of the same name in both modalities;
+    ``val/label_transfer`` labelled training cells in one modality and labelled held-out
+    cells in the other; ``val/loss`` any held-out cells.
+    """
+    if not all(len(v) for v in dm.val_idx.values()):
+        raise DataError(f"no {name} to optimise: set data.val_fraction > 0")
+    if name == "val/foscttm":
+        a, b = (d.obs_names[dm.val_idx[m]] for m, d in dm.data.items())
+        ok = len(a.intersection(b)) >= 2
+    elif name == "val/label_transfer":
+        labelled = {
+            m: [(d.labels[idx[m]] != UNLABELED).any() for idx in (dm.train_idx, dm.val_idx)]
+            for m, d in dm.data.items()
+        }
+        ok = any(labelled[s][0] and labelled[t][1] for s in dm.data for t in dm.data if s != t)
+    else:
+        ok = True
+    if not ok:
+        raise DataError(_NEEDS[name])
+
+
 def heldout_foscttm(
     module: DiagVAE, data: Mapping[str, ModalityData], val_idx: Mapping[str, np.ndarray]
 ) -> float:
@@ -74,10 +110,7 @@ def heldout_foscttm(
     latents = {m: latent_representation(module, d) for m, d in held.items()}
     result = paired_foscttm(latents, held)
     if not result:
-        raise DataError(
-            "val/foscttm needs at least 2 held-out cells measured in both modalities (same "
-            "obs_names); are the data paired (data.paired) and data.val_fraction > 0?"
-        )
+        raise DataError(_NEEDS["val/foscttm"])
     return result["foscttm"]
 
 
@@ -105,10 +138,7 @@ def heldout_label_transfer(
             z_ref, z_query = (latent_representation(module, d) for d in (ref, query))
             scores.append(label_transfer(z_ref, ref.labels, z_query, query.labels, k=k)["accuracy"])
     if not scores:
-        raise DataError(
-            "val/label_transfer needs labels (labels_key) in both modalities and labelled "
-            "held-out cells (data.val_fraction > 0)"
-        )
+        raise DataError(_NEEDS["val/label_transfer"])
     return float(np.mean(scores))
 
 

@@ -392,6 +392,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         dm, spec, adatas = build_datamodule(cfg)
         check_monitors(callbacks, dm)
+        # the objective is computed after training (and, in a sweep, every epoch): its
+        # preconditions are checked now, not after the run's time is spent
+        if trial_callback is not None or (
+            objective != "val/loss" and all(len(v) for v in dm.val_idx.values())
+        ):
+            outputs.check_heldout(objective, dm)
         lit = build_model(cfg.model, spec, dm.data)
         trial = open_trial(cfg) if writer else None
         if trial_callback is not None:

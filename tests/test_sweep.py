@@ -8,6 +8,7 @@ what it logged, and is off elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from diagvi import outputs
+from diagvi.errors import DataError
 from diagvi.report import write_report
 from diagvi.train import build_datamodule, build_model, objective_name
 from hydra_plugins.diagvi_optuna_sweeper.sweeper import format_value, search_space
@@ -66,15 +68,16 @@ class Sweep:
         )
         self._output: str | None = None
 
-    def wait(self, timeout: float = 300) -> str:
-        """Wait for the sweep; fails the test unless it exited 0. Returns its output."""
+    def wait(self, timeout: float = 300, ok: bool = True) -> str:
+        """Wait for the sweep; fails the test unless it exited 0 (``ok=False``: unless it
+        failed). Returns its output."""
         if self._output is None:
             try:
                 self._output, _ = self.proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self._output, _ = self.proc.communicate()
-        assert self.proc.returncode == 0, self._output[-4000:]
+        assert (self.proc.returncode == 0) == ok, self._output[-4000:]
         return self._output
 
 
@@ -108,6 +111,13 @@ def sweeps(tmp_path_factory):
         "failing": Sweep(base / "failing", base / "failing" / "sweep", failing, "offline"),
         "worker_a": Sweep(base / "worker_a", shared, worker, "disabled"),
         "worker_b": Sweep(base / "worker_b", shared, worker, "disabled"),
+        # the default search space names the unbalanced alignment's reach_scale
+        "balanced": Sweep(
+            base / "balanced",
+            base / "balanced" / "sweep",
+            [*SEARCH, "logger=none", "hydra.sweeper.n_trials=1", "model/alignment=sinkhorn"],
+            "disabled",
+        ),
     }
     yield runs
     for run in runs.values():
@@ -187,6 +197,29 @@ def test_rerun_resumes_the_study(sweeps):
     assert all(t.params not in earlier for t in trials[before:])
     storage = f"sqlite:///{first.sweep_dir}/optuna.db"
     assert optuna.study.get_all_study_names(storage) == [STUDY]
+
+
+def test_resuming_a_study_with_another_objective_is_refused(sweeps):
+    first = sweeps["main"]
+    first.wait()
+    other = Sweep(
+        first.sweep_dir.parent / "other_objective",
+        first.sweep_dir,
+        [*SEARCH, "logger=none", "hydra.sweeper.n_trials=1", "objective=val/loss"],
+        "disabled",
+    )
+    output = other.wait(ok=False)
+    assert "optimises 'val/foscttm', not 'val/loss'" in output
+    assert "choose another hydra.sweeper.study_name" in output
+
+
+def test_search_space_keys_the_config_lacks_are_not_searched(sweeps):
+    run = sweeps["balanced"]
+    output = run.wait()
+    assert "not searched, the config has no such keys: model.alignment.reach_scale" in output
+    (trial,) = load_trials(run.sweep_dir)
+    assert trial.state.name == "COMPLETE" and "model.alignment.reach_scale" not in trial.params
+    assert "model.alignment.epsilon_scale" in trial.params
 
 
 def test_failed_trial_is_recorded_and_study_goes_on(sweeps):
@@ -279,3 +312,21 @@ def test_heldout_objectives(compose_search):
     assert 0.0 <= outputs.heldout_metric("val/foscttm", module, dm) <= 1.0
     with pytest.raises(ValueError, match="no held-out metric"):
         outputs.heldout_metric("val/loss", module, dm)
+
+
+def test_objectives_the_held_out_cells_cannot_give_are_refused_before_training(compose_search):
+    cfg = compose_search([*TINY, "logger=none", "data.modalities.protein.labels_key=cell_type"])
+    dm, _, _ = build_datamodule(cfg)
+    for name in ("val/foscttm", "val/label_transfer", "val/loss"):
+        outputs.check_heldout(name, dm)  # paired, labelled on both sides: every objective
+    dm.data["protein"] = dataclasses.replace(
+        dm.data["protein"], obs_names=dm.data["protein"].obs_names + "_p"
+    )
+    with pytest.raises(DataError, match="val/foscttm needs at least 2 held-out cells"):
+        outputs.check_heldout("val/foscttm", dm)
+    dm.data["protein"].labels[:] = -1
+    with pytest.raises(DataError, match="val/label_transfer needs labels"):
+        outputs.check_heldout("val/label_transfer", dm)
+    dm.val_idx["protein"] = dm.val_idx["protein"][:0]
+    with pytest.raises(DataError, match="no val/loss to optimise"):
+        outputs.check_heldout("val/loss", dm)

@@ -228,11 +228,35 @@ class DiagviOptunaSweeper(Sweeper):
                 f"{study.direction.name.lower()}, not to {self.direction}: choose another "
                 "hydra.sweeper.study_name"
             )
+        with warnings.catch_warnings():  # experimental in some Optuna versions
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            known = study.metric_names
+        if self.metric_name and known and known != [self.metric_name]:
+            raise ValueError(
+                f"study {self.study_name!r} in {self.storage} optimises {known[0]!r}, not "
+                f"{self.metric_name!r}: its trials' values are not comparable; choose another "
+                "hydra.sweeper.study_name"
+            )
         if self.metric_name:
             with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names([self.metric_name])
         return study
+
+    def _present(self, params: Mapping[str, Any], arguments: Sequence[str]) -> dict[str, Any]:
+        """The config's ``params`` whose keys the composed config has: a search space written
+        for one component (e.g. the unbalanced alignment's ``reach_scale``) still runs with
+        another (``model/alignment=sinkhorn``); the command line's own keys are kept."""
+        given = {o.get_key_element() for o in OverridesParser.create().parse_overrides(arguments)}
+        absent = object()
+        kept = {
+            k: v
+            for k, v in params.items()
+            if k in given or OmegaConf.select(self.config, k, default=absent) is not absent
+        }
+        if dropped := sorted(set(params) - set(kept)):
+            log.warning(f"not searched, the config has no such keys: {', '.join(dropped)}")
+        return kept
 
     def _trial_overrides(self, trial: Any, fixed: list[str]) -> list[str]:
         sampled = [f"{k}={format_value(v)}" for k, v in trial.params.items()]
@@ -288,7 +312,7 @@ class DiagviOptunaSweeper(Sweeper):
         from optuna.trial import TrialState
 
         self.storage = sqlite_absolute(self.storage)
-        fixed, space = search_space(self.params, arguments)
+        fixed, space = search_space(self._present(self.params, arguments), arguments)
         if not space:
             raise ValueError(
                 "empty search space: give hydra.sweeper.params sweep expressions, e.g. "
