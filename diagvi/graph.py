@@ -235,7 +235,8 @@ def graph_from_shared_names(features: Features) -> Data:
         raise DataError(
             f"modalities {mods[0]!r} and {mods[1]!r} share no feature name "
             f"(e.g. {_preview(idx[0][:3])} vs {_preview(idx[1][:3])}); "
-            "pass a mapping table or explicit edges instead"
+            "pass a mapping table or explicit edges instead (command line: "
+            "data.guidance=mapping data.mapping_path=links.csv)"
         )
     ones = np.ones(len(src))
     return _finalise(len(idx[0]), len(idx[1]), src, dst[src], ones, ones, mods, idx)
@@ -308,7 +309,10 @@ def graph_from_mapping(features: Features, mapping, on_missing: str = "raise") -
                 f"{where}: {len(unknown)} name(s) in column {mod!r} are not features of "
                 f"modality {mod!r}: {_preview(hints, total=len(unknown), show=str)}"
             )
-            fix = "; fix the names or pass on_missing='ignore' to drop those rows"
+            fix = (
+                "; fix the names or pass on_missing='ignore' (command line: "
+                "data.on_missing=ignore) to drop those rows"
+            )
             if on_missing == "raise":
                 raise DataError(msg + fix)
             warnings.warn(msg + "; ignoring those rows", UserWarning, stacklevel=2)

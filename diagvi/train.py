@@ -109,8 +109,15 @@ def build_datamodule(cfg: DictConfig) -> tuple[PairedDataModule, DataSpec, dict]
     if cfg.data.get("mapping_path"):
         mapping = cfg.data.mapping_path
     if cfg.data.guidance == "mapping" and mapping is not None:
-        graph = build_guidance_graph(features, mapping=mapping)
-    elif cfg.data.guidance in ("mapping", "shared_names"):
+        on_missing = cfg.data.get("on_missing", "raise")
+        graph = build_guidance_graph(features, mapping=mapping, on_missing=on_missing)
+    elif cfg.data.guidance == "mapping":
+        raise DataError(
+            "data.guidance=mapping needs a mapping table: set data.mapping_path (a CSV with one "
+            f"column per modality, {list(features)}), or data.guidance=shared_names to link "
+            "features of equal names"
+        )
+    elif cfg.data.guidance == "shared_names":
         graph = build_guidance_graph(features)
     else:
         raise DataError(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anndata as ad
 import lightning as L
+import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf, open_dict
 import diagvi  # noqa: F401  (fills the registries)
 from diagvi.components.likelihoods import Likelihood
 from diagvi.data import DataSpec, ModalitySpec
+from diagvi.errors import DataError
 from diagvi.graph import build_guidance_graph
 from diagvi.lit import DEFAULT_WEIGHTS, DiagVILightning
 from diagvi.registry import ALIGNMENTS, CLASSIFIERS, GRAPH_ENCODERS, LIKELIHOODS, PRIORS
@@ -459,3 +461,29 @@ def test_early_stopping_without_validation_cells_is_refused_before_training(e2e_
     assert "early stopping monitors 'val/loss', but no cells are held out" in out, out[-2000:]
     assert "callbacks=no_early_stopping" in out
     assert not (e2e_runs["no_validation_cells"].run_dir / "metrics.json").exists()
+
+
+def test_h5ad_guidance_mapping_on_missing_and_empty(compose_cfg, tmp_path):
+    """data=h5ad: no mapping table with guidance=mapping is refused (not silently linked by
+    name); on_missing and each modality's empty policy are config keys."""
+    adatas, mapping = make_synthetic_pair(n_cells=40, n_genes=12, n_proteins=4)
+    adatas["rna"].X[0] = 0  # an all-zero cell
+    paths = []
+    for m, adata in adatas.items():
+        adata.write_h5ad(tmp_path / f"{m}.h5ad")
+        paths.append(f"data.load.paths.{m}={tmp_path / f'{m}.h5ad'}")
+    h5ad = [*BASE, "data=h5ad", *paths]
+    with pytest.raises(DataError, match="data.guidance=mapping needs a mapping table"):
+        build_datamodule(compose_cfg(h5ad))
+    extra = pd.concat([mapping, pd.DataFrame({"rna": ["NOT_A_GENE"], "protein": ["p"]})])
+    extra.to_csv(tmp_path / "links.csv", index=False)
+    links = f"data.mapping_path={tmp_path / 'links.csv'}"
+    with pytest.raises(DataError, match="data.on_missing=ignore"):
+        build_datamodule(compose_cfg([*h5ad, links]))
+    with pytest.warns(UserWarning, match="ignoring those rows"):
+        dm, spec, _ = build_datamodule(
+            compose_cfg([*h5ad, links, "data.on_missing=ignore", "data.modalities.rna.empty=drop"])
+        )
+    assert dm.data["rna"].n_obs == 39 and len(spec.graph.edge_index[0]) > 0
+    with pytest.raises(DataError, match="share no feature name.*data.mapping_path=links.csv"):
+        build_datamodule(compose_cfg([*h5ad, "data.guidance=shared_names"]))
