@@ -132,7 +132,8 @@ class DiagVAE(nn.Module):
         self, data: Mapping[str, ModalityData], max_cells: int = 10_000, seed: int = 0
     ) -> None:
         """Fit what is fitted once before training, on up to ``max_cells`` cells per modality:
-        :attr:`linked` (the guidance graph's view) and the encoders' :attr:`pcs`.
+        :attr:`linked` (the guidance graph's view), the encoders' :attr:`pcs` and the decoders'
+        starting bias (``initial_eta`` of each likelihood, at the data's average).
 
         Read 1,024 cells at a time, keeping only the linked columns of a modality without
         principal components, so that memory stays at ``max_cells x edges`` whatever the number
@@ -145,12 +146,18 @@ class DiagVAE(nn.Module):
             n = data[name].n_obs
             idx = np.arange(n) if n <= max_cells else np.sort(rng.choice(n, max_cells, False))
             sample = torch.empty(len(idx), data[name].n_vars) if name in self.pcs else None
-            linked = []
+            linked, sums, counts = [], 0.0, 0.0
             for start in range(0, len(idx), 1024):
-                x = self.transform(name, data[name].rows(idx[start : start + 1024])["x"].float())
+                raw = data[name].rows(idx[start : start + 1024])["x"].double()
+                total, count = self.likelihood[name].location_sums(raw)
+                sums, counts = sums + total, counts + count
+                x = self.transform(name, raw.float())
                 linked.append(self.linked.columns(side, x))
                 if sample is not None:
                     sample[start : start + len(x)] = x
+            average = (sums / counts.clamp_min(1.0)).float()
+            beta = self.z2x[name].beta
+            beta.copy_(self.likelihood[name].initial_eta(average).expand_as(beta))
             columns[side] = torch.cat(linked)
             if sample is not None:
                 self.pcs[name].fit(sample, seed=seed, overwrite=True)

@@ -187,6 +187,37 @@ def test_count_mean_is_library_times_composition(name):
     torch.testing.assert_close(mean, library * torch.softmax(eta, -1))
 
 
+@pytest.mark.parametrize("name", list(LIKELIHOODS))
+def test_initial_eta_puts_the_likelihood_at_the_data_average(name):
+    """The decoder starts at the features' levels: at ``eta = initial_eta(average)`` the
+    likelihood's location is the data's average (counts: the mean composition)."""
+    lik = LIKELIHOODS.build(name, n_features=N_FEATURES, n_batches=1)
+    g = torch.Generator().manual_seed(0)
+    levels = torch.tensor([0.1, 1.0, 5.0, 40.0, 300.0][:N_FEATURES] + [2.0] * (N_FEATURES - 5))
+    x = torch.poisson(levels.expand(60, -1), generator=g).double()
+    sums = [lik.location_sums(part) for part in (x[:25], x[25:])]  # chunks add up
+    average = (sums[0][0] + sums[1][0]) / (sums[0][1] + sums[1][1])
+    eta = lik.initial_eta(average.float()).expand(N_CELLS, -1)
+    px = lik(eta, torch.zeros(N_CELLS, dtype=torch.long), torch.full((N_CELLS, 1), 1000.0))
+    nonzero = [x[:, j][x[:, j] > 0] for j in range(N_FEATURES)]
+    expected = {
+        "counts": (x / x.sum(1, keepdim=True)).mean(0) * 1000.0,
+        "normal": x.mean(0),
+        "log1pnormal": torch.log1p(x).mean(0),
+        "ziln": torch.stack([v.log().mean() for v in nonzero]),
+        "zig": torch.stack([v.mean() for v in nonzero]),
+    }
+    if lik.counts:
+        got, want = px.mean[0] if name != "zinb" else px.base.mean[0], expected["counts"]
+    elif name in ("normal", "log1pnormal", "ziln"):
+        got, want = eta[0], expected[name]
+    else:
+        got, want = F.softplus(eta[0]), expected["zig"]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    if name == "nbmixture":  # the foreground weight starts at 1/2 whatever the level
+        torch.testing.assert_close(px.mixture_probs[0], torch.full((N_FEATURES,), 0.5))
+
+
 # ----------------------------------------------------------------------------- priors
 
 N_LATENT, N_LABELS = 3, 4

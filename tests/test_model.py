@@ -264,6 +264,20 @@ def test_load_rejects_other_features(trained, tmp_path):
         DIAGVI.load(tmp_path / "run", {"rna": adatas["rna"], "protein": fewer})
 
 
+def test_decoder_starts_at_the_data_average():
+    model = small_model()
+    x = model.data["rna"].X
+    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+    beta = model.module.z2x["rna"].beta.detach()
+    assert beta.shape[0] == 1
+    np.testing.assert_allclose(
+        torch.softmax(beta[0].double(), 0).numpy(),
+        (x / x.sum(1, keepdims=True)).mean(0),
+        rtol=1e-4,
+        atol=1e-7,
+    )
+
+
 def test_load_matches_batches_and_labels_by_name(trained, tmp_path):
     model, adatas, _ = trained
     model.save(tmp_path / "run")

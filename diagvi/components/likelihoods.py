@@ -65,6 +65,22 @@ class Likelihood(nn.Module):
     ) -> Distribution:
         raise NotImplementedError
 
+    def location_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature sum and count, over the cells ``x``, of what :meth:`initial_eta` reads:
+        the value of ``eta`` that fits each cell alone (here ``x`` itself). Summed over chunks
+        of cells, the data's average needs one pass."""
+        return x.sum(0), torch.full_like(x[0], len(x))
+
+    @torch.no_grad()
+    def initial_eta(self, average: torch.Tensor) -> torch.Tensor:
+        """The decoder's starting bias: ``eta`` of a cell at the data's ``average`` location.
+
+        Training starts from the features' levels instead of learning them at the learning
+        rate's pace (``eta = 0`` is, e.g., a uniform composition of every gene, and a
+        ``log1p`` level of 0 for antibodies whose levels are 3-6).
+        """
+        return average
+
 
 def _composition_mean(eta: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
     return library * torch.softmax(eta, dim=-1)
@@ -84,6 +100,15 @@ class NB(Likelihood):
         return D.CompositionNegativeBinomial(
             eta, library, self._per_cell(self.log_theta.exp(), batch)
         )
+
+    def location_sums(self, x):
+        return (x / x.sum(-1, keepdim=True).clamp_min(1.0)).sum(0), torch.full_like(x[0], len(x))
+
+    @torch.no_grad()
+    def initial_eta(self, average):
+        # log of the average composition, centred (softmax ignores a constant)
+        eta = torch.log(average + 1e-8)
+        return eta - eta.mean()
 
 
 @LIKELIHOODS.register("zinb")
@@ -118,6 +143,13 @@ class NBMixture(NB):
         self.log_ratio = self._param(1.0)
         self.w_scale = self._param(1.0)
         self.w_bias = self._param(0.0)
+
+    @torch.no_grad()
+    def initial_eta(self, average):
+        eta = super().initial_eta(average)
+        # the foreground weight starts at 1/2 for every feature, whatever its level
+        self.w_bias.copy_(-self.w_scale * eta)
+        return eta
 
     def forward(self, eta, batch, library):
         ratio = 1.0 + self._per_cell(F.softplus(self.log_ratio), batch)
@@ -157,6 +189,9 @@ class Log1pNormal(Gaussian):
     def forward(self, eta, batch, library):
         return D.Log1pNormal(eta, self.scale(batch))
 
+    def location_sums(self, x):
+        return torch.log1p(x).sum(0), torch.full_like(x[0], len(x))
+
 
 @LIKELIHOODS.register("ziln")
 class ZILN(Gaussian):
@@ -172,6 +207,10 @@ class ZILN(Gaussian):
         return D.ZeroInflatedLogNormal(
             eta, self.scale(batch), self._per_cell(self.zi_logits, batch)
         )
+
+    def location_sums(self, x):
+        nonzero = x > 0  # the log-normal part
+        return torch.log(x.clamp_min(1e-30)).mul_(nonzero).sum(0), nonzero.sum(0).to(x.dtype)
 
 
 @LIKELIHOODS.register("zig")
@@ -191,3 +230,12 @@ class ZIG(Likelihood):
         return D.ZeroInflatedGamma(
             concentration, concentration / mean, self._per_cell(self.zi_logits, batch)
         )
+
+    def location_sums(self, x):
+        nonzero = x > 0  # the gamma part
+        return (x * nonzero).sum(0), nonzero.sum(0).to(x.dtype)
+
+    @torch.no_grad()
+    def initial_eta(self, average):
+        mean = average.clamp_min(1e-3)
+        return mean + torch.log(-torch.expm1(-mean))  # softplus(eta) = mean
