@@ -467,7 +467,7 @@ class Log1pNormal(Distribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        return torch.exp(self.loc + self.scale**2 / 2) - 1
+        return torch.expm1(self.loc + self.scale**2 / 2)
 
     @property
     def variance(self) -> torch.Tensor:
