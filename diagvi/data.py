@@ -549,6 +549,11 @@ class PairedDataModule(L.LightningDataModule):
         self.train_idx = {k: s[0] for k, s in splits.items()}
         self.val_idx = {k: s[1] for k, s in splits.items()}
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether every modality holds out some cells (else no validation runs)."""
+        return all(len(v) for v in self.val_idx.values())
+
     def _replicas(self) -> tuple[int, int]:
         """``(world_size, global_rank)`` of the attached trainer; ``(1, 0)`` without one."""
         trainer = getattr(self, "trainer", None)
@@ -576,7 +581,7 @@ class PairedDataModule(L.LightningDataModule):
         }
 
     def val_dataloader(self) -> DataLoader | list:
-        if any(len(v) == 0 for v in self.val_idx.values()):
+        if not self.has_validation:
             return []
         return paired_loader(
             self.data,

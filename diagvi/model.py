@@ -291,7 +291,7 @@ class DIAGVI:
         callbacks: list[L.Callback] = [history]
         monitored = []  # no logger here: Lightning needs only what early stopping watches
         if early_stopping:
-            has_val = all(len(v) for v in dm.val_idx.values())
+            has_val = dm.has_validation
             monitored = ["val/loss" if has_val else "train/loss"]
             callbacks.append(EarlyStopping(monitored[0], patience=early_stopping_patience))
         lit = DiagVILightning(

@@ -85,7 +85,7 @@ def check_heldout(name: str, dm: PairedDataModule) -> None:
     ``val/label_transfer`` labelled training cells in one modality and labelled held-out
     cells in the other; ``val/loss`` any held-out cells.
     """
-    if not all(len(v) for v in dm.val_idx.values()):
+    if not dm.has_validation:
         raise DataError(f"no {name} to optimise: set data.val_fraction > 0")
     if name == "val/foscttm":
         a, b = (d.obs_names[dm.val_idx[m]] for m, d in dm.data.items())

@@ -337,7 +337,7 @@ def _finish_wandb(loggers: list, status: str) -> None:
 def check_monitors(callbacks: list, dm: PairedDataModule) -> None:
     """Refuse, before training, early stopping on validation metrics that no cell will give
     (Lightning would stop the run with an error at the end of the first epoch)."""
-    if all(len(v) for v in dm.val_idx.values()):
+    if dm.has_validation:
         return
     for cb in callbacks:
         if isinstance(cb, EarlyStopping) and cb.monitor.startswith("val/"):
@@ -401,9 +401,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_monitors(callbacks, dm)
         # the objective is computed after training (and, in a sweep, every epoch): its
         # preconditions are checked now, not after the run's time is spent
-        if trial_callback is not None or (
-            objective != "val/loss" and all(len(v) for v in dm.val_idx.values())
-        ):
+        if trial_callback is not None or (objective != "val/loss" and dm.has_validation):
             outputs.check_heldout(objective, dm)
         lit = build_model(cfg.model, spec, dm.data)
         trial = open_trial(cfg) if writer else None
@@ -417,7 +415,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if not writer:
             status = "finished"
             return metrics
-        held_out = all(len(v) for v in dm.val_idx.values())
+        held_out = dm.has_validation
         if objective != "val/loss" and (held_out or trial is not None):
             metrics[objective] = outputs.heldout_metric(objective, lit.module, dm)
         if cfg.get("write_outputs", True):

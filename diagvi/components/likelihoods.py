@@ -65,11 +65,14 @@ class Likelihood(nn.Module):
     ) -> Distribution:
         raise NotImplementedError
 
+    def location(self, x: torch.Tensor) -> torch.Tensor:
+        """Each cell's own location, which :meth:`initial_eta` reads averaged (here ``x``)."""
+        return x
+
     def location_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-feature sum and count, over the cells ``x``, of what :meth:`initial_eta` reads:
-        the value of ``eta`` that fits each cell alone (here ``x`` itself). Summed over chunks
-        of cells, the data's average needs one pass."""
-        return x.sum(0), torch.full_like(x[0], len(x))
+        """Per-feature sum and count, over the cells ``x``, of :meth:`location`: summed over
+        chunks of cells, the data's average needs one pass."""
+        return self.location(x).sum(0), torch.full_like(x[0], len(x))
 
     @torch.no_grad()
     def initial_eta(self, average: torch.Tensor) -> torch.Tensor:
@@ -101,8 +104,8 @@ class NB(Likelihood):
             eta, library, self._per_cell(self.log_theta.exp(), batch)
         )
 
-    def location_sums(self, x):
-        return (x / x.sum(-1, keepdim=True).clamp_min(1.0)).sum(0), torch.full_like(x[0], len(x))
+    def location(self, x):
+        return x / x.sum(-1, keepdim=True).clamp_min(1.0)  # the cell's composition
 
     @torch.no_grad()
     def initial_eta(self, average):
@@ -189,8 +192,8 @@ class Log1pNormal(Gaussian):
     def forward(self, eta, batch, library):
         return D.Log1pNormal(eta, self.scale(batch))
 
-    def location_sums(self, x):
-        return torch.log1p(x).sum(0), torch.full_like(x[0], len(x))
+    def location(self, x):
+        return torch.log1p(x)
 
 
 @LIKELIHOODS.register("ziln")
