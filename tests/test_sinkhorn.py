@@ -49,6 +49,24 @@ def test_ground_cost():
         ground_cost(x, y, 3)
 
 
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("sizes", [(60, 45), (50, 50)])
+def test_fixed_coordinates_equal_concatenated_clouds(p, sizes):
+    x, y = clouds(*sizes)
+    g = torch.Generator().manual_seed(7)
+    fx, fy = (torch.rand(k, 8, generator=g, dtype=torch.float64) for k in sizes)
+    settings = {"p": p, "blur": 0.1, "reach": 1.0, "diameter": "max_cost"}
+    fixed = sinkhorn_divergence(x, y, x_fixed=fx, y_fixed=fy, **settings)
+    gx, gy = torch.autograd.grad(fixed, (x, y))
+    whole = sinkhorn_divergence(torch.cat([x, fx], 1), torch.cat([y, fy], 1), **settings)
+    tx, ty = torch.autograd.grad(whole, (x, y))
+    torch.testing.assert_close(fixed, whole, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(gx, tx, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gy, ty, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="together"):
+        sinkhorn_divergence(x, y, x_fixed=fx)
+
+
 @pytest.mark.parametrize("feature_weight", [0.0, 0.5])
 def test_alignment_solvers_agree(feature_weight):
     from diagvi.components.alignment import UnbalancedSinkhorn

@@ -133,13 +133,14 @@ class UnbalancedSinkhorn(nn.Module):
         self.feature_weight = feature_weight
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def _with_features(self, x, y, fx, fy) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenate latent and linked features; the features get their share of the cost.
+    def _with_features(self, x, y, fx, fy) -> tuple[torch.Tensor, ...]:
+        """The latent clouds and the linked features, scaled to their share of the cost.
 
         The latent part keeps its own cost (raw, or divided by its differentiated mean with
         ``scale_cost="mean"``); the feature part is rescaled, without gradient, so that its
         mean is ``feature_weight / (1 - feature_weight)`` times the latent part's. A latent
-        that shrinks therefore shrinks the feature part with it, and gains nothing.
+        that shrinks therefore shrinks the feature part with it, and gains nothing. Returns
+        ``(x, y, fx, fy)``: the cost is that of the concatenations ``[x, fx]`` and ``[y, fy]``.
         """
         root = 1.0 / self.p
         latent_cost = mean_cost(x, y, self.p).clamp_min(1e-12)
@@ -148,7 +149,7 @@ class UnbalancedSinkhorn(nn.Module):
             latent_cost = torch.ones_like(latent_cost)
         share = self.feature_weight / (1.0 - self.feature_weight)
         feature = share * latent_cost.detach() / mean_cost(fx, fy, self.p).clamp_min(1e-12)
-        return torch.cat([x, fx * feature**root], 1), torch.cat([y, fy * feature**root], 1)
+        return x, y, fx * feature**root, fy * feature**root
 
     def current_blur(
         self, x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor | None = None
@@ -164,9 +165,14 @@ class UnbalancedSinkhorn(nn.Module):
         self, z: dict[str, torch.Tensor], features: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         x, y = z.values()
-        cost = None
+        cost = fixed = None
         if self.feature_weight > 0 and features:
-            x, y = self._with_features(x, y, *(features[k] for k in z))
+            x, y, *fixed = self._with_features(x, y, *(features[k] for k in z))
+            if self.solver != "dense" or self.p != 2:
+                # the dense solver differentiates the latent part alone with p = 2; elsewhere
+                # the features are coordinates like any other (their gradient goes nowhere)
+                x, y = torch.cat([x, fixed[0]], 1), torch.cat([y, fixed[1]], 1)
+                fixed = None
         elif self.scale_cost == "mean":
             # differentiated on purpose: a detached scale would leave a gradient that shrinks
             # both clouds every step, and the latent space collapses towards a point
@@ -174,15 +180,27 @@ class UnbalancedSinkhorn(nn.Module):
             mean_cost = cost.mean().clamp_min(1e-12)
             x, y = x / mean_cost ** (1.0 / self.p), y / mean_cost ** (1.0 / self.p)
             cost = cost / mean_cost  # the rescaled clouds' cost, reused by the blur rule
-        blur = self.current_blur(x, y, cost)
+        if fixed is None:
+            blur = self.current_blur(x, y, cost)
+        else:
+            blur = self.current_blur(torch.cat([x, fixed[0]], 1), torch.cat([y, fixed[1]], 1))
         reach = None if self.reach_scale is None else self.reach_scale * blur
         if self.training:
             self.step += 1
         # epsilon-scaling starts from the largest distance between the two clouds, not GeomLoss'
         # default (the bounding box's diagonal, several times larger in tens of dimensions)
         if self.solver == "dense":
+            x_fixed, y_fixed = fixed or (None, None)
             return sinkhorn_divergence(
-                x, y, self.p, blur, reach, diameter="max_cost", scaling=self.scaling
+                x,
+                y,
+                self.p,
+                blur,
+                reach,
+                diameter="max_cost",
+                scaling=self.scaling,
+                x_fixed=x_fixed,
+                y_fixed=y_fixed,
             )
         with torch.no_grad():
             cost = ground_cost(x.detach(), y.detach(), self.p) if cost is None else cost.detach()
