@@ -1,6 +1,7 @@
 """Tests for diagvi.data: reading and validating modalities, labels, splits and paired loaders."""
 
 import copy
+import dataclasses
 import math
 
 import anndata as ad
@@ -20,6 +21,7 @@ from diagvi.data import (
     read_modality,
     shared_order,
     split_indices,
+    with_dense_rows,
 )
 from diagvi.errors import DataError
 from diagvi.synthetic import make_synthetic_pair
@@ -748,6 +750,26 @@ def test_data_module_split_and_loaders(unequal_data):
     again = list(dm.val_dataloader())
     for a, b in zip(val, again, strict=True):
         assert torch.equal(a["protein"]["x"], b["protein"]["x"])
+
+
+def test_small_sparse_matrices_are_gathered_from_dense_copies(unequal_data, monkeypatch):
+    data, _ = unequal_data
+    sparse = {k: dataclasses.replace(d, X=sp.csr_matrix(d.X)) for k, d in data.items()}
+    copies = with_dense_rows(sparse)
+    for k, d in sparse.items():
+        assert isinstance(copies[k].X, np.ndarray) and sp.issparse(d.X)  # the input is kept
+        np.testing.assert_array_equal(copies[k].X, d.X.toarray())
+        assert copies[k].obs_names is d.obs_names and copies[k].batch is d.batch
+    # the same minibatches either way
+    from_sparse = list(paired_loader(sparse, PairedDataModule(sparse).train_idx, 256, True, seed=0))
+    from_dense = list(PairedDataModule(sparse).train_dataloader())
+    for a, b in zip(from_sparse, from_dense, strict=True):
+        for name in a:
+            for key in ("x", "batch", "label"):
+                assert torch.equal(a[name][key], b[name][key])
+    # above the budget the sparse matrix is shared as it is
+    monkeypatch.setattr("diagvi.data.DENSE_COPY_BYTES", 100)
+    assert all(with_dense_rows(sparse)[k] is d for k, d in sparse.items())
 
 
 def test_data_module_seeded_split(unequal_data):
