@@ -77,6 +77,8 @@ class BackedMatrix:
             )
         self.path, self.key = str(path), key
         with h5py.File(self.path, "r") as f:
+            if key not in f:
+                raise DataError(f"{self.path}: no element {key!r} in the file")
             element = f[key]
             if isinstance(element, h5py.Dataset):
                 self.is_sparse, shape, self.dtype = False, element.shape, element.dtype
@@ -105,6 +107,14 @@ class BackedMatrix:
     @classmethod
     def open(cls, adata, layer: str | None = None) -> BackedMatrix:
         """X (or layer ``layer``) of an AnnData opened with ``backed="r"``, kept on disk."""
+        if not adata.isbacked:
+            raise ValueError("the AnnData is not opened with backed='r': it has no file to read")
+        if adata.is_view:
+            # the file holds all cells and features; the view's subset would be lost
+            raise ValueError(
+                "the AnnData is a view of a backed AnnData; load it with adata.to_memory() "
+                "or open the whole file"
+            )
         return cls(adata.filename, "X" if layer is None else f"layers/{layer}")
 
     def __repr__(self) -> str:
@@ -207,11 +217,25 @@ class BackedMatrix:
             yield c * self.chunk_rows, self.chunk(c)
 
     def read(self, idx: np.ndarray) -> np.ndarray:
-        """Rows ``idx`` as a dense float32 array, in the order given; each chunk read once."""
-        idx = np.asarray(idx, dtype=np.int64)
+        """Rows ``idx`` (integers, negative from the end, or a boolean mask) as a dense float32
+        array, in the order given; each chunk read once."""
+        n, idx = self.shape[0], np.asarray(idx)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"{self!r}: a boolean mask of {len(idx)} values for {n} rows")
+            idx = np.flatnonzero(idx)
+        elif idx.size and idx.dtype.kind not in "iu":
+            raise IndexError(f"{self!r}: rows must be integers or a boolean mask, got {idx.dtype}")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            bad = idx[(idx < -n) | (idx >= n)][0]
+            raise IndexError(f"{self!r}: row {bad} is out of range for {n} rows")
+        idx = np.where(idx < 0, idx + n, idx)
         out = np.empty((len(idx), self.shape[1]), dtype=np.float32)
         which = idx // self.chunk_rows
-        for c in np.unique(which):
+        # cached chunks first: a chunk read now evicts the least recently used one, which must
+        # not be one this minibatch still needs (that would read it twice)
+        for c in sorted(np.unique(which), key=lambda c: c not in self._cache):
             sel = np.flatnonzero(which == c)
             block = self.chunk(int(c))[idx[sel] - c * self.chunk_rows]
             out[sel] = block.toarray() if sp.issparse(block) else block
@@ -219,7 +243,8 @@ class BackedMatrix:
 
     def row_sums(self) -> np.ndarray:
         """Sum of every row (library sizes of counts), chunk by chunk."""
-        return np.concatenate([np.asarray(b.sum(1)).ravel() for _, b in self.chunks()])
+        sums = [np.asarray(b.sum(1)).ravel() for _, b in self.chunks()]
+        return np.concatenate(sums) if sums else np.zeros(0, dtype=np.float32)  # no rows
 
 
 def row_sums(X) -> np.ndarray:

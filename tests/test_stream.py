@@ -108,6 +108,59 @@ def test_csc_on_disk_is_refused(tmp_path):
         read_modality("rna", backed, ModalitySetup(likelihood="normal"))
 
 
+@pytest.mark.parametrize("kind", ["csr", "dense"])
+def test_read_takes_masks_and_negative_rows_and_names_bad_ones(tmp_path, kind):
+    x = np.random.default_rng(0).poisson(1.0, size=(23, 4)).astype(np.int64)
+    ad.AnnData(sp.csr_matrix(x) if kind == "csr" else x).write_h5ad(tmp_path / "x.h5ad")
+    X = BackedMatrix(tmp_path / "x.h5ad", chunk_rows=4, buffer_chunks=2)
+    mask = np.arange(23) % 3 == 0
+    np.testing.assert_array_equal(X.read(mask), x[mask])  # a mask, as x[mask]: not rows 0 and 1
+    np.testing.assert_array_equal(X.read(np.array([-1, -23, 5])), x[[-1, -23, 5]])
+    for bad in ([23], [-24], [3, 40]):  # past the last partial chunk, or before the first row
+        with pytest.raises(IndexError, match=r"out of range for 23 rows"):
+            X.read(np.array(bad))
+    with pytest.raises(IndexError, match="integers or a boolean mask"):
+        X.read(np.array([1.5]))
+    with pytest.raises(IndexError, match="mask of 5 values for 23 rows"):
+        X.read(np.ones(5, dtype=bool))
+
+
+def test_reads_each_chunk_once_whatever_the_chunk_order(tmp_path, monkeypatch):
+    x = sp.random(1000, 3, density=0.5, format="csr", dtype=np.float32, rng=0)
+    ad.AnnData(x).write_h5ad(tmp_path / "x.h5ad")
+    reads = []
+    original = BackedMatrix._read_span
+    monkeypatch.setattr(
+        BackedMatrix, "_read_span", lambda self, lo, hi: reads.append(lo) or original(self, lo, hi)
+    )
+    for seed in range(5):
+        X = BackedMatrix(tmp_path / "x.h5ad", chunk_rows=50, buffer_chunks=2)
+        order = chunk_shuffle(np.arange(1000), 50, 2, np.random.default_rng(seed))
+        reads.clear()
+        rows = np.concatenate([X.read(order[s : s + 64]) for s in range(0, 1000, 64)])
+        np.testing.assert_array_equal(rows, x[order].toarray())
+        assert sorted(reads) == list(range(0, 1000, 50)), seed  # minibatches span two buffers
+
+
+def test_empty_backed_matrix_has_empty_row_sums(pair):
+    _, _, paths = pair
+    X = BackedMatrix(paths["rna"], chunk_rows=64)[np.arange(0)]
+    assert X.shape == (0, 60) and X.read(np.arange(0)).shape == (0, 60)
+    assert stream.row_sums(X).shape == (0,)
+
+
+def test_open_refuses_a_view_and_in_memory_data(pair):
+    _, _, paths = pair
+    adata = ad.read_h5ad(paths["rna"], backed="r")
+    assert BackedMatrix.open(adata).shape == adata.shape
+    with pytest.raises(ValueError, match="a view of a backed AnnData"):
+        BackedMatrix.open(adata[:50, :10])  # would read all 700 cells and 60 genes
+    with pytest.raises(ValueError, match="not opened with backed='r'"):
+        BackedMatrix.open(ad.read_h5ad(paths["rna"]))
+    with pytest.raises(DataError, match=r"rna\.h5ad: no element 'layers/counts' in the file"):
+        BackedMatrix.open(adata, "counts")
+
+
 def test_each_chunk_is_read_once_per_epoch(pair, small_chunks, monkeypatch):
     _, _, paths = pair
     d = read_modality("rna", ad.read_h5ad(paths["rna"], backed="r"), ModalitySetup())
