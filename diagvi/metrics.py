@@ -30,7 +30,17 @@ def _blocks(x: torch.Tensor, y: torch.Tensor, chunk: int | None):
     """Yield ``(start, cdist(x[start:start+c], y))`` over blocks of rows of ``x``."""
     c = _chunk(len(y), chunk)
     for start in range(0, len(x), c):
-        yield start, torch.cdist(x[start : start + c], y)
+        # exact differences, not ||x||^2 + ||y||^2 - 2 x.y: that shortcut cancels for points far
+        # from the origin and rounds differently per block, so ties (and kNN sets) would
+        # depend on the chunk size
+        d = torch.cdist(x[start : start + c], y, compute_mode="donot_use_mm_for_euclid_dist")
+        yield start, d
+
+
+def _check_length(name: str, values, n: int, of: str) -> None:
+    """Raise a ValueError naming ``name`` unless it has one entry per row of ``of``."""
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but {of} has {n} rows")
 
 
 def _codes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +100,11 @@ def _fraction_closer(x: torch.Tensor, y: torch.Tensor, chunk: int | None) -> tor
     for start, d in _blocks(x, y, chunk):
         rows = torch.arange(len(d))
         true = d[rows, rows + start]
-        out[start : start + len(d)] = (d < true[:, None]).sum(1).double() / (n - 1)
+        frac = (d < true[:, None]).sum(1).double() / (n - 1)
+        # a NaN distance compares False and would count as "not closer": a diverged
+        # embedding would score as a perfect one
+        frac[~torch.isfinite(d).all(1)] = torch.nan
+        out[start : start + len(d)] = frac
     return out
 
 
@@ -101,7 +115,8 @@ def foscttm(x: np.ndarray, y: np.ndarray, chunk: int | None = None) -> dict[str,
     For cell ``i``, ``FOSCTTM_x(i) = #{j : d(x_i, y_j) < d(x_i, y_i)} / (n - 1)``, and
     symmetrically ``FOSCTTM_y(i) = #{j : d(y_i, x_j) < d(y_i, x_i)} / (n - 1)``; each
     direction is averaged over cells and ``foscttm`` is the mean of the two directions.
-    0 is perfect, about 0.5 is random. Memory is ``chunk x n``, never ``n x n``.
+    0 is perfect, about 0.5 is random; NaN when an embedding holds non-finite values. Memory
+    is ``chunk x n``, never ``n x n``.
 
     Returns
     -------
@@ -131,16 +146,22 @@ def knn_transfer(
 ) -> np.ndarray:
     """Label of every query row by majority vote of its ``k`` nearest reference rows.
 
-    The vote of class ``c`` is ``#{j in N_k(i) : y_j = c}``; ties go to the class with the
-    nearer neighbour (each vote is weighted ``1 + 1e-6 (k - rank)``, rank 0 = nearest).
+    The vote of class ``c`` is ``#{j in N_k(i) : y_j = c}``; a tie goes to the tied class
+    whose nearest neighbour is nearest (smallest rank, rank 0 = nearest).
     """
+    _check_length("labels_ref", labels_ref, len(z_ref), "z_ref")
     classes, codes = _codes(labels_ref)
     idx = knn(z_query, z_ref, k=k, chunk=chunk)
-    weight = 1.0 + 1e-6 * (idx.shape[1] - np.arange(idx.shape[1]))
-    votes = np.zeros((len(idx), len(classes)))
-    rows = np.repeat(np.arange(len(idx)), idx.shape[1])
-    np.add.at(votes, (rows, codes[idx].ravel()), np.tile(weight, len(idx)))
-    return classes[votes.argmax(1)]
+    k = idx.shape[1]
+    rows = np.repeat(np.arange(len(idx)), k)
+    cols = codes[idx].ravel()
+    votes = np.zeros((len(idx), len(classes)), dtype=np.int64)
+    np.add.at(votes, (rows, cols), 1)
+    first = np.full((len(idx), len(classes)), k, dtype=np.int64)
+    np.minimum.at(first, (rows, cols), np.tile(np.arange(k), len(idx)))
+    # integer key: one more vote always outweighs any rank (0 <= first <= k), so the nearest
+    # rank only decides between equal counts
+    return classes[(votes * (k + 1) - first).argmax(1)]
 
 
 def classification_scores(true: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -151,6 +172,7 @@ def classification_scores(true: np.ndarray, predicted: np.ndarray) -> dict[str, 
     unweighted mean (scikit-learn's ``f1_score(average="macro")``).
     """
     true, predicted = np.asarray(true), np.asarray(predicted)
+    _check_length("predicted", predicted, len(true), "true")
     f1 = []
     for c in np.union1d(true, predicted):
         tp = np.sum((predicted == c) & (true == c))
@@ -177,6 +199,7 @@ def label_transfer(
     -------
     ``{"accuracy": ..., "macro_f1": ...}``
     """
+    _check_length("labels_query", labels_query, len(z_query), "z_query")
     predicted = knn_transfer(z_ref, labels_ref, z_query, k=k, chunk=chunk)
     return classification_scores(labels_query, predicted)
 
@@ -195,6 +218,9 @@ def unshared_transfer_fraction(
     ``#{i : knn_transfer(i) = cell_type} / n_query`` (0 is best: an integration robust to
     composition differences does not pull other cells onto the unshared type).
     """
+    # a cell type absent from the reference is never predicted: it would score a silent 0
+    if not np.any(np.asarray(labels_ref) == cell_type):
+        raise ValueError(f"cell_type {cell_type!r} is not among labels_ref")
     predicted = knn_transfer(z_ref, labels_ref, z_query, k=k, chunk=chunk)
     return float(np.mean(predicted == cell_type))
 
@@ -210,6 +236,7 @@ def silhouette_samples(x: np.ndarray, labels: np.ndarray, chunk: int | None = No
     ``s_i = (b_i - a_i) / max(a_i, b_i)`` in ``[-1, 1]``; ``s_i = 0`` in a one-member cluster
     (scikit-learn's convention). Needs at least two clusters.
     """
+    _check_length("labels", labels, len(x), "x")
     _, codes = _codes(labels)
     n_clusters = codes.max() + 1 if len(codes) else 0
     if n_clusters < 2:
@@ -250,8 +277,10 @@ def modality_silhouette(
     ``score = mean_g mean_{i in g} (1 - |s_i|)``. Groups with cells of one modality only
     are skipped; NaN when every group is skipped.
     """
-    modality = np.asarray(modality)
+    z, modality = np.asarray(z), np.asarray(modality)
+    _check_length("modality", modality, len(z), "z")
     groups = np.zeros(len(modality), dtype=int) if groups is None else np.asarray(groups)
+    _check_length("groups", groups, len(z), "z")
     scores = []
     for g in np.unique(groups):
         sel = groups == g
@@ -272,6 +301,7 @@ def knn_mixing_entropy(
     ``mean_i H(p_i) / H(P)`` with ``H(p) = -sum_m p_m log p_m``: about 1 when neighbourhoods
     are as mixed as the whole data, 0 when every neighbourhood holds one modality.
     """
+    _check_length("modality", modality, len(z), "z")
     _, codes = _codes(modality)
     n_mod = codes.max() + 1
     idx = knn(z, k=k, chunk=chunk)
@@ -296,6 +326,7 @@ def neighbourhood_conservation(
     excluded), ``x_before`` a representation of the modality alone (e.g. PCA of its
     log-normalised data) and ``z_after`` the same cells' joint latent. 1 = kept, ~k/n random.
     """
+    _check_length("z_after", z_after, len(x_before), "x_before")
     before = knn(x_before, k=k, chunk=chunk)
     after = knn(z_after, k=k, chunk=chunk)
     shared = [np.intersect1d(b, a).size for b, a in zip(before, after, strict=True)]
@@ -309,13 +340,17 @@ def graph_connectivity(
 
     ``G`` is the symmetric kNN graph of all cells (:func:`knn_graph`), ``G_c`` its subgraph
     on the ``n_c`` cells of type ``c`` and ``|LCC(G_c)|`` the size of its largest connected
-    component; 1 = every cell type forms one connected piece.
+    component; 1 = every cell type forms one connected piece. Cells labelled NaN are left
+    out (as scIB iterates over the categories only).
     """
     labels = np.asarray(labels)
+    _check_length("labels", labels, len(z), "z")
     graph = knn_graph(z, k=k, chunk=chunk)
     fractions = []
     for c in np.unique(labels):
         sel = np.flatnonzero(labels == c)
+        if sel.size == 0:  # NaN: np.unique keeps it, but NaN != NaN selects no cell
+            continue
         _, comp = connected_components(graph[sel][:, sel], directed=False)
         fractions.append(np.bincount(comp).max() / sel.size)
     return float(np.mean(fractions))
@@ -340,10 +375,13 @@ def feature_correlations(
         u, v = rankdata(u, axis=0), rankdata(v, axis=0)
     elif method != "pearson":
         raise ValueError(f"method must be 'pearson' or 'spearman', got {method!r}")
+    # constant from the values themselves: a rounded mean (0.1 repeated) leaves residues ~1e-17
+    # after centring that would give a spurious finite r
+    constant = (u == u[:1]).all(0) | (v == v[:1]).all(0)
     u, v = u - u.mean(0), v - v.mean(0)
     denom = np.sqrt((u**2).sum(0) * (v**2).sum(0))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (u * v).sum(0) / denom, np.nan)
+        return np.where(constant | ~(denom > 0), np.nan, (u * v).sum(0) / denom)
 
 
 def imputation_scores(imputed: np.ndarray, measured: np.ndarray) -> dict[str, float]:

@@ -161,3 +161,22 @@ def test_twin_transfer_scores_the_reference_neighbourhoods():
     ds.pairs = None
     with pytest.raises(ValueError, match="no pairing"):
         scoring.twin_transfer(ds, separated)
+
+
+def test_rescore_reads_a_runs_outputs_and_refuses_other_settings(tmp_path):
+    from experiments.benchmark import run
+    from experiments.benchmark.runner_io import write_outputs
+
+    config = {"modalities": ("a", "b"), "seed": 1, "init": {}, "train": {"lam_link": 150.0}}
+    out = tmp_path / "genesplit" / "diagvi_seed1"
+    latents = {"a": np.ones((3, 2)), "b": np.zeros((4, 2))}
+    write_outputs(out, latents, None, 2.0, 4, 100.0, "diagvi", predicted=np.array(["x"] * 4))
+    (out / "config.json").write_text(run.json.dumps(config))
+    stats, read, outputs = run.read_outputs(out, config)
+    assert stats["seconds_per_epoch"] == 0.5
+    for m, z in latents.items():
+        np.testing.assert_array_equal(read[m], z)
+    assert set(outputs) == {"predicted"} and list(outputs["predicted"]) == ["x"] * 4
+    with pytest.raises(RuntimeError, match="other settings"):
+        run.read_outputs(out, {**config, "train": {}})
+    assert run.parse_args(["--ref-python", "x", "--rescore"]).rescore

@@ -230,3 +230,100 @@ def test_feature_correlations_match_scipy(rng):
     np.testing.assert_allclose(r, expected)
     with pytest.raises(ValueError, match="shape"):
         metrics.feature_correlations(u, v[:-1])
+
+
+# ------------------------------------------------------------------ audit: edge cases
+
+
+def _brute_foscttm(x, y):
+    """FOSCTTM from explicit pairwise differences (no Gram-matrix shortcut)."""
+    d = np.sqrt(((x[:, None] - y[None]) ** 2).sum(-1))
+    true = np.diag(d)
+    n = len(x)
+    return ((d < true[:, None]).sum(1) / (n - 1)).mean(), (
+        (d.T < true[:, None]).sum(1) / (n - 1)
+    ).mean()
+
+
+def test_foscttm_exact_far_from_the_origin(rng):
+    # small distances between points far from the origin: ||x||^2 + ||y||^2 - 2 x.y cancels
+    x = 1e4 + 1e-3 * rng.normal(size=(200, 5))
+    y = x + 5e-4 * rng.normal(size=x.shape)
+    fx, fy = _brute_foscttm(x, y)
+    out = metrics.foscttm(x, y)
+    assert out["foscttm_x"] == pytest.approx(fx)
+    assert out["foscttm_y"] == pytest.approx(fy)
+
+
+def test_foscttm_non_finite_is_nan_not_perfect(rng):
+    x = rng.normal(size=(10, 2))
+    y = x.copy()
+    y[3] = np.nan  # a diverged embedding must not score as a perfect one
+    assert np.isnan(metrics.foscttm(x, y)["foscttm"])
+
+
+def test_knn_with_tied_distances_does_not_depend_on_chunk():
+    for seed in range(5):
+        x = np.repeat(np.random.default_rng(seed).normal(size=(40, 3)), 5, axis=0)
+        full = metrics.knn(x, k=6)
+        for chunk in (1, 3, 7):
+            np.testing.assert_array_equal(metrics.knn(x, k=6, chunk=chunk), full)
+
+
+def test_knn_transfer_tie_goes_to_the_class_of_the_nearest_neighbour():
+    # k=5 from 0: a (rank 0), b, b, c, a (rank 4): a and b tie at 2 votes, a is nearest
+    ref = np.array([[1.0], [2.0], [3.0], [4.0], [5.0]])
+    labels = np.array(["a", "b", "b", "c", "a"])
+    assert metrics.knn_transfer(ref, labels, np.array([[0.0]]), k=5).tolist() == ["a"]
+
+
+def test_knn_transfer_majority_wins_for_large_k():
+    # 1499 'a' nearest, 1501 'b' farther: b has the majority whatever the ranks
+    ref = np.arange(1.0, 3001.0)[:, None]
+    labels = np.repeat(["a", "b"], [1499, 1501])
+    assert metrics.knn_transfer(ref, labels, np.array([[0.0]]), k=3000).tolist() == ["b"]
+
+
+def test_feature_correlations_constant_with_inexact_mean(rng):
+    measured = rng.normal(size=(50, 2))
+    imputed = measured.copy()
+    imputed[:, 1] = 0.1  # np.full(50, 0.1).mean() != 0.1
+    for method in ("pearson", "spearman"):
+        r = metrics.feature_correlations(imputed, measured, method)
+        assert r[0] == pytest.approx(1.0)
+        assert np.isnan(r[1])
+    assert metrics.imputation_scores(imputed, measured)["pearson"] == pytest.approx(1.0)
+
+
+def test_graph_connectivity_skips_nan_labels(rng):
+    x, labels = _clusters(rng)
+    labels = labels.astype(float)
+    labels[:5] = np.nan  # unlabelled cells are left out, as scIB does
+    assert metrics.graph_connectivity(x, labels, k=5) == 1.0
+
+
+def test_unshared_transfer_fraction_rejects_unknown_cell_type(rng):
+    x, labels = _clusters(rng)
+    with pytest.raises(ValueError, match="cell_type"):
+        metrics.unshared_transfer_fraction(x, labels, x, "2", k=5)  # labels are ints
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda x, lab: metrics.silhouette_samples(x, lab[:-1]), "labels"),
+        (lambda x, lab: metrics.celltype_silhouette(x, lab[:-1]), "labels"),
+        (lambda x, lab: metrics.modality_silhouette(x, lab[:-1]), "modality"),
+        (lambda x, lab: metrics.modality_silhouette(x, lab, groups=lab[:-1]), "groups"),
+        (lambda x, lab: metrics.knn_mixing_entropy(x, np.append(lab, 0)), "modality"),
+        (lambda x, lab: metrics.graph_connectivity(x, lab[:-1]), "labels"),
+        (lambda x, lab: metrics.knn_transfer(x, np.append(lab, 0), x), "labels_ref"),
+        (lambda x, lab: metrics.label_transfer(x, lab, x, lab[:-1]), "labels_query"),
+        (lambda x, lab: metrics.classification_scores(lab, lab[:-1]), "predicted"),
+        (lambda x, lab: metrics.neighbourhood_conservation(x, x[:-1]), "z_after"),
+    ],
+)
+def test_mismatched_lengths_raise(rng, call, name):
+    x, labels = _clusters(rng, n_per=10)
+    with pytest.raises(ValueError, match=name):
+        call(x, labels % 2)
