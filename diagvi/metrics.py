@@ -147,7 +147,8 @@ def knn_transfer(
     """Label of every query row by majority vote of its ``k`` nearest reference rows.
 
     The vote of class ``c`` is ``#{j in N_k(i) : y_j = c}``; a tie goes to the tied class
-    whose nearest neighbour is nearest (smallest rank, rank 0 = nearest).
+    whose neighbours rank nearer, the larger ``sum_{j in N_k(i), y_j = c} (k - rank_j)``
+    (rank 0 = nearest), as a distance weighting too small to overturn a vote would.
     """
     _check_length("labels_ref", labels_ref, len(z_ref), "z_ref")
     classes, codes = _codes(labels_ref)
@@ -155,13 +156,10 @@ def knn_transfer(
     k = idx.shape[1]
     rows = np.repeat(np.arange(len(idx)), k)
     cols = codes[idx].ravel()
-    votes = np.zeros((len(idx), len(classes)), dtype=np.int64)
-    np.add.at(votes, (rows, cols), 1)
-    first = np.full((len(idx), len(classes)), k, dtype=np.int64)
-    np.minimum.at(first, (rows, cols), np.tile(np.arange(k), len(idx)))
-    # integer key: one more vote always outweighs any rank (0 <= first <= k), so the nearest
-    # rank only decides between equal counts
-    return classes[(votes * (k + 1) - first).argmax(1)]
+    # integer key: one more vote always outweighs any rank sum (at most k (k + 1) / 2)
+    key = np.zeros((len(idx), len(classes)), dtype=np.int64)
+    np.add.at(key, (rows, cols), np.tile(k * (k + 1) // 2 + 1 + k - np.arange(k), len(idx)))
+    return classes[key.argmax(1)]
 
 
 def classification_scores(true: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

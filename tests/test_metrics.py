@@ -270,11 +270,15 @@ def test_knn_with_tied_distances_does_not_depend_on_chunk():
             np.testing.assert_array_equal(metrics.knn(x, k=6, chunk=chunk), full)
 
 
-def test_knn_transfer_tie_goes_to_the_class_of_the_nearest_neighbour():
-    # k=5 from 0: a (rank 0), b, b, c, a (rank 4): a and b tie at 2 votes, a is nearest
+def test_knn_transfer_tie_goes_to_the_class_ranked_nearer():
+    # k=5 from 0: a (ranks 0, 4), b (ranks 1, 2), c: a and b tie at 2 votes; b's rank sum
+    # (5 - 1) + (5 - 2) = 7 beats a's (5 - 0) + (5 - 4) = 6
     ref = np.array([[1.0], [2.0], [3.0], [4.0], [5.0]])
     labels = np.array(["a", "b", "b", "c", "a"])
-    assert metrics.knn_transfer(ref, labels, np.array([[0.0]]), k=5).tolist() == ["a"]
+    assert metrics.knn_transfer(ref, labels, np.array([[0.0]]), k=5).tolist() == ["b"]
+    # ranks 0 and 3 against 1 and 2: equal sums, the first class in sorted order
+    labels = np.array(["a", "b", "b", "a", "c"])
+    assert metrics.knn_transfer(ref, labels, np.array([[0.0]]), k=4).tolist() == ["a"]
 
 
 def test_knn_transfer_majority_wins_for_large_k():
