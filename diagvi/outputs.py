@@ -4,6 +4,7 @@ objectives a sweep optimises, measured on the held-out (validation) cells."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -46,7 +47,11 @@ def paired_foscttm(
     n_shared, shared = len(shared), shared[_at_most(len(shared), max_cells)]
     xa = latents[a][data[a].obs_names.get_indexer(shared)]
     xb = latents[b][data[b].obs_names.get_indexer(shared)]
-    result = foscttm(xa, xb)
+    if not (np.isfinite(xa).all() and np.isfinite(xb).all()):
+        # a NaN distance is never "closer": a diverged model would score 0 (perfect pairing)
+        result = dict.fromkeys(("foscttm", "foscttm_x", "foscttm_y"), float("nan"))
+    else:
+        result = foscttm(xa, xb)
     if len(shared) < n_shared:
         result["foscttm_cells"] = len(shared)
     return result
@@ -136,6 +141,10 @@ def heldout_label_transfer(
         ref, query = (_cells(d, _at_most(d.n_obs, METRIC_MAX_CELLS)) for d in (ref, query))
         if ref.n_obs and query.n_obs:
             z_ref, z_query = (latent_representation(module, d) for d in (ref, query))
+            if not (np.isfinite(z_ref).all() and np.isfinite(z_query).all()):
+                # neighbours among NaN distances are arbitrary: no accuracy, not a chance one
+                scores.append(float("nan"))
+                continue
             scores.append(label_transfer(z_ref, ref.labels, z_query, query.labels, k=k)["accuracy"])
     if not scores:
         raise DataError(_NEEDS["val/label_transfer"])
@@ -161,9 +170,22 @@ def write_run_outputs(
     """Write ``latent_<modality>.h5ad`` (``obsm['X_diagvi']``, posterior mean), ``embedding.png``.
 
     Returns the metrics computed on the way (FOSCTTM when ``paired``) and the written paths.
+    Cells whose latent is not finite (a diverged model) are warned about and counted in
+    ``nonfinite_<modality>``.
     """
     latents = {m: latent_representation(module, d) for m, d in data.items()}
     written: dict[str, float | str] = {}
+    for m, z in latents.items():
+        bad = int((~np.isfinite(z).all(axis=1)).sum())
+        if bad:
+            written[f"nonfinite_{m}"] = bad
+            warnings.warn(
+                f"modality {m!r}: the latent of {bad} of {len(z)} cells is not finite (NaN or "
+                "inf): the model diverged; they are written as they are and left out of "
+                "embedding.png",
+                UserWarning,
+                stacklevel=2,
+            )
     for m, z in latents.items():
         # the cells that were read (empty="drop" leaves out all-zero ones), in their order
         out = ad.AnnData(obs=adatas[m].obs.loc[data[m].obs_names].copy())

@@ -18,10 +18,12 @@ MAX_POINTS = 200_000
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
-    """First two principal components of ``x`` (rows are cells)."""
+    """First two principal components of ``x`` (rows are cells); a second column of zeros
+    when ``x`` has only one (a one-dimensional latent, or a single cell)."""
     centred = x - x.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return centred @ vt[:2].T
+    xy = centred @ vt[:2].T
+    return np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
 
 
 def plot_joint_embedding(
@@ -39,19 +41,32 @@ def plot_joint_embedding(
         Output PNG; ``None`` returns the open Figure instead.
     labels
         ``{modality: label per cell}``; missing modalities or ``None`` entries are "unlabelled".
+
+    Cells whose latent is not finite (a diverged model) are left out: the PCA cannot take them.
     """
     names = list(latents)
-    xy = pca_2d(np.concatenate([latents[n] for n in names]))
+    z = np.concatenate([latents[n] for n in names])
+    finite = np.isfinite(z).all(axis=1)
+    xy = np.zeros((len(z), 2))
+    if finite.any():
+        xy[finite] = pca_2d(z[finite])
     modality = np.concatenate([[n] * len(latents[n]) for n in names])
     panels = [("modality", modality)]
     if labels:
         lab = np.concatenate(
-            [np.asarray(labels.get(n, [None] * len(latents[n])), dtype=object) for n in names]
+            [
+                np.asarray(
+                    [None] * len(latents[n]) if labels.get(n) is None else labels[n], dtype=object
+                )
+                for n in names
+            ]
         )
         panels.append(("label", np.where(pd.isna(lab), "unlabelled", lab).astype(str)))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
-    # no modality drawn on top of the other; at most MAX_POINTS drawn (the PCA uses all)
+    # no modality drawn on top of the other; at most MAX_POINTS drawn (the PCA uses all the
+    # finite ones)
     order = np.random.default_rng(0).permutation(len(xy))[:MAX_POINTS]
+    order = order[finite[order]]
     for ax, (title, values) in zip(axes[0], panels, strict=True):
         for category in np.unique(values):
             keep = order[values[order] == category]

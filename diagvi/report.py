@@ -69,13 +69,16 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "error": t.user_attrs.get("error"),
             }
         )
-    df = pd.DataFrame(rows)
+    # the columns every table has, even with no trial or no finished one (readers index them)
+    always = ["number", "state", metric_name(study)]
+    df = pd.DataFrame(rows, columns=None if rows else always)
     if df.empty:
         return df
     ascending = study.direction == optuna.study.StudyDirection.MINIMIZE
     df["_state"] = df["state"].map(STATE_ORDER)
     df = df.sort_values(["_state", metric_name(study), "number"], ascending=[True, ascending, True])
-    return df.drop(columns="_state").dropna(axis=1, how="all").reset_index(drop=True)
+    empty = [c for c in df.columns[df.isna().all()] if c not in always]
+    return df.drop(columns=["_state", *empty]).reset_index(drop=True)
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -147,7 +150,9 @@ def best_experiment_yaml(study: optuna.Study) -> str:
     for key, value in best.params.items():
         key = key.lstrip("+~")
         if "/" in key:  # a config group choice, e.g. model/alignment
-            groups.append(f"  - override /{key}: {value}")
+            # no choice (e.g. model/classifier=null) is YAML's null; Python's None would be
+            # read as an option named "None"
+            groups.append(f"  - override /{key}: {'null' if value is None else value}")
         else:
             OmegaConf.update(body, key, value, force_add=True)
     fixed = [
@@ -165,7 +170,9 @@ def best_experiment_yaml(study: optuna.Study) -> str:
     ]
     if groups:
         lines += ["defaults:", *groups]
-    return "\n".join(lines) + "\n" + OmegaConf.to_yaml(body)
+    # a sweep of config groups only has no values: an empty body would be written "{}", which
+    # after the defaults list is not YAML
+    return "\n".join(lines) + "\n" + (OmegaConf.to_yaml(body) if body else "")
 
 
 def write_report(
