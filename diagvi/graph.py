@@ -82,8 +82,13 @@ def _check_features(features: Features) -> tuple[tuple[str, str], list[pd.Index]
     return (names[0], names[1]), indexes
 
 
-def _weights_signs(n_edges: int, weight, sign, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Broadcast and check edge weights (in (0, 1]) and signs (in {-1, +1})."""
+def _weights_signs(
+    n_edges: int, weight, sign, where: str, rows=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Broadcast and check edge weights (in (0, 1]) and signs (in {-1, +1}).
+
+    ``rows``: the table row of each edge, named in errors instead of the edge's position.
+    """
     out = []
     for label, values in (("weight", weight), ("sign", sign)):
         values = 1.0 if values is None else values
@@ -100,18 +105,21 @@ def _weights_signs(n_edges: int, weight, sign, where: str) -> tuple[np.ndarray, 
             )
         out.append(np.broadcast_to(arr, (n_edges,)).copy())
     w, s = out
-    bad_w = np.flatnonzero(~((w > 0) & (w <= 1)))
+    at = "at edges" if rows is None else "in rows"
+    rows = np.arange(n_edges) if rows is None else np.asarray(rows)
+    # graphs store float32: a positive weight that rounds to 0 there is a zero-weight edge
+    bad_w = np.flatnonzero(~((w.astype(np.float32) > 0) & (w <= 1)))
     if len(bad_w):
         raise DataError(
-            f"{where}: weights must lie in (0, 1]; {len(bad_w)} do not, at edges "
-            f"{_preview(bad_w)} (values {_preview(w[bad_w])}); rescale them (e.g. divide by the "
-            "largest) and drop zero-weight edges"
+            f"{where}: weights must lie in (0, 1]; {len(bad_w)} do not, {at} "
+            f"{_preview(rows[bad_w])} (values {_preview(w[bad_w])}); rescale them (e.g. divide by "
+            "the largest) and drop zero-weight edges"
         )
     bad_s = np.flatnonzero((s != 1) & (s != -1))
     if len(bad_s):
         raise DataError(
-            f"{where}: signs must be -1 or +1; {len(bad_s)} are not, at edges "
-            f"{_preview(bad_s)} (values {_preview(s[bad_s])}); use +1 for a positive and -1 "
+            f"{where}: signs must be -1 or +1; {len(bad_s)} are not, {at} "
+            f"{_preview(rows[bad_s])} (values {_preview(s[bad_s])}); use +1 for a positive and -1 "
             "for a negative link"
         )
     return w, s
@@ -299,6 +307,13 @@ def graph_from_mapping(features: Features, mapping, on_missing: str = "raise") -
     for mod, feats in zip(mods, idx, strict=True):
         names = table[mod].astype(str).to_numpy()
         p = feats.get_indexer(names)
+        if pd.api.types.is_float_dtype(table[mod]):
+            # pandas holds integer names as floats in a column with a missing name (1 -> 1.0):
+            # match those the float spelling misses by their integer spelling
+            values = table[mod].to_numpy(dtype=np.float64)
+            retry = (p < 0) & np.isfinite(values) & (values == np.round(values))
+            names[retry] = [str(int(v)) for v in values[retry]]
+            p[retry] = feats.get_indexer(names[retry])
         unknown = pd.unique(names[p < 0])
         if len(unknown):
             hints = []
@@ -336,7 +351,7 @@ def graph_from_mapping(features: Features, mapping, on_missing: str = "raise") -
                 "expected a number in every row"
             )
         cols.append(v)
-    w, s = _weights_signs(int(keep.sum()), cols[0], cols[1], where)
+    w, s = _weights_signs(int(keep.sum()), cols[0], cols[1], where, rows=table.index[keep])
     return _finalise(len(idx[0]), len(idx[1]), pos[0][keep], pos[1][keep], w, s, mods, idx)
 
 

@@ -117,7 +117,11 @@ class LinkedView(nn.Module):
             cols = columns[side].float()
             mean = cols.mean(0)
             std = cols.std(0).nan_to_num(1.0).clamp_min(1e-6)
-            scales.append((mean, self.scale[side] / std))
+            # a column constant in these cells (a feature the sample never detected) says
+            # nothing about them; dividing by its clamped spread would send any cell that
+            # differs to ~1e6 in the folded projection, so it contributes nothing instead
+            constant = (cols.amax(0) == cols.amin(0)) & (len(cols) > 1)
+            scales.append((mean, torch.where(constant, 0.0, self.scale[side] / std)))
             rows.append((cols - mean) * scales[side][1] / len(cols) ** 0.5)
         stacked = torch.cat(rows)
         basis, singular = principal_axes(stacked, self.n_components, seed)
