@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,8 +27,8 @@ class Classifier(nn.Module):
 
     def __init__(self, n_latent: int, logit_scale: float = 10.0) -> None:
         super().__init__()
-        if logit_scale <= 0:
-            raise ValueError(f"logit_scale must be positive, got {logit_scale}")
+        if not (math.isfinite(logit_scale) and logit_scale > 0):  # NaN passed `<= 0`
+            raise ValueError(f"logit_scale must be positive and finite, got {logit_scale}")
         self.logit_scale = float(logit_scale)
         self.norm = nn.BatchNorm1d(n_latent, eps=1e-6, affine=False)
         self.head: nn.Module = nn.Identity()
@@ -42,7 +44,10 @@ class Classifier(nn.Module):
         """
         known = labels >= 0
         if int(known.sum()) < (2 if self.training else 1):
-            return z.sum() * 0.0  # keeps the graph connected for optimisers and DDP
+            # zero, connected to z and to every parameter: under DDP (find_unused_parameters
+            # off) a parameter without a gradient fails the next step's reduction
+            unused = sum(p.sum() for p in self.parameters())
+            return (z.sum() + unused) * 0.0
         return F.cross_entropy(self(z[known]), labels[known])
 
 

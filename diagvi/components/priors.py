@@ -68,7 +68,10 @@ class GaussianMixture(Prior):
         self.raw_scales = nn.Parameter(torch.zeros(k, n_latent))
 
     def components(self) -> Normal:
-        return Normal(self.means, F.softplus(self.raw_scales) + 1e-4)
+        # no argument validation (as the encoders): a non-finite latent must give a
+        # non-finite KL, which the training step raises or skips (``nonfinite``), not a
+        # ValueError from torch.distributions; validation also syncs with the GPU every step
+        return Normal(self.means, F.softplus(self.raw_scales) + 1e-4, validate_args=False)
 
     def kl(self, qz, z, labels):
         log_pi = torch.log_softmax(self.logits, -1)
@@ -79,5 +82,6 @@ class GaussianMixture(Prior):
             return marginal
         known = labels >= 0
         y = labels.clamp_min(0)  # index only; unlabelled rows take the marginal below
-        labelled = kl_divergence(qz, Normal(comp.loc[y], comp.scale[y])).sum(-1) - log_pi[y]
+        prior_y = Normal(comp.loc[y], comp.scale[y], validate_args=False)
+        labelled = kl_divergence(qz, prior_y).sum(-1) - log_pi[y]
         return torch.where(known, labelled, marginal)
