@@ -442,7 +442,8 @@ class PairedSampler:
                 yield batch
                 mine.append(i)
         if len(mine) < len(self):
-            yield first[self.rank - (n % self.num_replicas)]
+            # fewer minibatches than ranks to pad (n < num_replicas / 2): they repeat in turn
+            yield first[(self.rank - n % self.num_replicas) % len(first)]
 
     def _stream(self, name: str, rng: np.random.Generator) -> Iterator[np.ndarray]:
         """Successive orders of modality ``name``'s cells."""
@@ -565,6 +566,17 @@ class PairedDataModule(L.LightningDataModule):
             k: split_indices(d.n_obs, val_fraction, seed, (d.batch, d.labels), order[k])
             for k, d in data.items()
         }
+        # a cell that split_indices moved to training (its batch or class had no other) in one
+        # modality trains in every modality: validating its other measurement would score a
+        # cell the model was trained on
+        moved = set()
+        for k, d in data.items():
+            planned = split_indices(d.n_obs, val_fraction, seed, (), order[k])[1]
+            moved.update(d.obs_names[np.setdiff1d(planned, splits[k][1])])
+        for k, d in data.items():
+            train, val = splits[k]
+            out = np.isin(d.obs_names[val], list(moved))
+            splits[k] = np.sort(np.concatenate([train, val[out]])), val[~out]
         self.train_idx = {k: s[0] for k, s in splits.items()}
         self.val_idx = {k: s[1] for k, s in splits.items()}
 

@@ -170,18 +170,21 @@ class DiagVILightning(L.LightningModule):
         for names, vector in sums.items():  # one set of terms unless some steps lacked one
             for name, value in zip((*names, "loss"), vector, strict=True):
                 totals[name] = totals[name] + value if name in totals else value
-        means = {f"{stage}/{k}": v / max(count[0], 1) for k, v in totals.items()}
-        if stage == "train":
-            means["train/skipped_steps"] = float(self.skipped_steps)
-        if not means:
-            return
+        # the sums and the cell count (last) are summed over ranks before dividing: ranks may
+        # hold different numbers of cells (the epoch's short last minibatch), and a mean of
+        # their means would weigh cells unequally
         values = torch.stack(
-            [torch.as_tensor(v, device=self.device).float() for v in means.values()]
+            [torch.as_tensor(v, device=self.device).float() for v in (*totals.values(), count[0])]
         )
         if self._trainer is not None and self.trainer.world_size > 1:
             # every rank keeps and logs the mean over all ranks, in one all-reduce
-            values = self.trainer.strategy.reduce(values, reduce_op="mean")
-        means = dict(zip(means, values, strict=True))
+            values = self.trainer.strategy.reduce(values, reduce_op="sum")
+        mean = values[:-1] / values[-1].clamp_min(1)
+        means = {f"{stage}/{k}": v for k, v in zip(totals, mean, strict=True)}
+        if stage == "train":  # the same on every rank: the ranks skip steps together
+            means["train/skipped_steps"] = values.new_tensor(float(self.skipped_steps))
+        if not means:
+            return
         self.epoch_means.update(means)
         if self.logged is not None:
             means = {k: v for k, v in means.items() if k in self.logged}
@@ -217,8 +220,10 @@ class DiagVILightning(L.LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
-        # this epoch's means only: an epoch without validation has no val/ values
+        # this epoch's means only: an epoch without validation has no val/ values; and this
+        # epoch's sums only, not those an earlier fit left when it stopped mid-epoch
         self.epoch_means.clear()
+        self._epoch_sums.pop("train", None)
 
     def on_train_epoch_end(self) -> None:
         if "train" in self._epoch_sums:  # an epoch cut short, e.g. by trainer.max_steps
@@ -287,6 +292,10 @@ class HistoryCallback(L.Callback):
         self.rows: list[dict[str, float]] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "train" in getattr(pl_module, "_epoch_sums", {}):
+            # an epoch cut short (trainer.max_steps) logs its means in the module's
+            # on_train_epoch_end, which Lightning runs after this one
+            pl_module._log_epoch("train")
         self.rows.append({k: float(v) for k, v in pl_module.epoch_means.items()})
 
     def frame(self) -> pd.DataFrame:
