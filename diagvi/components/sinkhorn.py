@@ -155,9 +155,9 @@ def sinkhorn_divergence(
     strength ``rho = reach^p`` (unbalanced OT). Same arguments and value as GeomLoss'
     ``SamplesLoss("sinkhorn", p, blur, reach, diameter, scaling, debias=True)``;
     ``diameter="max_cost"`` starts the epsilon-scaling from the largest distance between the two
-    clouds, ``(p max_ij C_ij)^(1/p)``, read from the cost matrix the solver computes anyway
-    (GeomLoss' default, the diagonal of the bounding box, is several times larger in tens of
-    dimensions and costs as many extra iterations).
+    clouds, ``(p max_ij C_ij)^(1/p)`` (at least ``blur``), read from the cost matrix the solver
+    computes anyway (GeomLoss' default, the diagonal of the bounding box, is several times larger
+    in tens of dimensions and costs as many extra iterations).
 
     ``x_fixed`` and ``y_fixed`` (given together) are further coordinates of the same points,
     not differentiated (data): the value is that of the clouds ``[x, x_fixed]`` and
@@ -176,6 +176,8 @@ def sinkhorn_divergence(
         if x_fixed is not None
         else (x.detach(), y.detach())
     )
+    # the cost is that of the concatenations, in their dtype (float64 features widen float32)
+    x, y = x.to(with_fixed[0].dtype), y.to(with_fixed[1].dtype)
     from_cost = isinstance(diameter, str)
     if from_cost and diameter != "max_cost":
         raise ValueError(f"diameter must be a number, None or 'max_cost', got {diameter!r}")
@@ -216,7 +218,11 @@ def sinkhorn_divergence(
         costs[3].copy_(costs[0].mT)
         if from_cost:
             diameter = float((p * costs[0, :n, :m].max()) ** (1.0 / p))
-        diameter = max(diameter, blur)
+        # a given diameter below the blur is GeomLoss' schedule (diameter^p, then blur^p); the
+        # largest cost starts at the blur at least (the alignment gives GeomLoss the same),
+        # and so does a zero diameter (coincident points), on which GeomLoss fails
+        if from_cost or diameter <= 0:
+            diameter = max(diameter, blur)
 
         # the soft-min in base 2 (exp2 is several times faster than exp on a CPU):
         # -eps log sum_j exp(s_j) = -eps ln 2 log2 sum_j 2^(s_j log2 e)
