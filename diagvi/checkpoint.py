@@ -30,8 +30,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        # storage_options passed on: TorchCheckpointIO refuses them rather than ignore them
         atomic_write(
-            target, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp)
+            target,
+            lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(
+                checkpoint, tmp, storage_options
+            ),
         )
 
     def load_checkpoint(self, path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:

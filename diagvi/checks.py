@@ -170,8 +170,9 @@ def _matrix(
 ) -> tuple[np.ndarray | sp.csr_matrix | BackedMatrix, str]:
     """A private float32 copy (dense C-order, or canonical CSR) of X or a layer.
 
-    An AnnData opened with ``backed="r"`` (not a view of one) keeps its matrix on disk: the
-    result is then a :class:`~diagvi.stream.BackedMatrix` that reads float32 rows on demand.
+    An AnnData opened with ``backed="r"`` (not a view of one) keeps its X on disk: the result
+    is then a :class:`~diagvi.stream.BackedMatrix` that reads float32 rows on demand. Its
+    layers are copied from memory like any AnnData's.
     """
     if layer is None:
         X, where = adata.X, "X"
@@ -184,7 +185,9 @@ def _matrix(
         )
     if X is None:
         raise DataError(f"modality {name!r}: X is empty (None); pass layer= to read a layer")
-    if adata.isbacked and not adata.is_view:
+    # anndata keeps only X on disk: a backed AnnData's layers are read into memory, where the
+    # user may have replaced or added one since the file was opened
+    if layer is None and adata.isbacked and not adata.is_view:
         try:
             X = BackedMatrix.open(adata, layer)
         except DataError as err:
@@ -344,13 +347,15 @@ def handle_empty(d: _D) -> tuple[_D, np.ndarray]:
             "out (e.g. scanpy.pp.filter_cells / filter_genes with min_counts=1) or set "
             "empty='drop' or 'warn'"
         )
-    if d.setup.empty == "drop":
+    if d.setup.empty == "drop" and cells.any():
         keep = np.flatnonzero(~cells)
-        d = _keep_cells(d, keep) if cells.any() else d
+        d = _keep_cells(d, keep)
         action = (
             "dropped the cells (outputs have fewer rows than the AnnData); features are kept, "
             "as they must match the guidance graph"
         )
+    elif d.setup.empty == "drop":  # all-zero features only: nothing is dropped
+        action = "kept them: empty='drop' drops only cells, as features must match the graph"
     else:
         drop = " or empty='drop' to drop the cells" if cells.any() else ""
         action = f"kept them; set empty='error' to refuse them{drop}"
