@@ -165,14 +165,14 @@ class UnbalancedSinkhorn(nn.Module):
         self, z: dict[str, torch.Tensor], features: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         x, y = z.values()
-        cost = fixed = None
+        cost = fixed = whole = None
         if self.feature_weight > 0 and features:
-            x, y, *fixed = self._with_features(x, y, *(features[k] for k in z))
-            if self.solver != "dense" or self.p != 2:
-                # the dense solver differentiates the latent part alone with p = 2; elsewhere
-                # the features are coordinates like any other (their gradient goes nowhere)
-                x, y = torch.cat([x, fixed[0]], 1), torch.cat([y, fixed[1]], 1)
-                fixed = None
+            x, y, fx, fy = self._with_features(x, y, *(features[k] for k in z))
+            whole = torch.cat([x, fx], 1), torch.cat([y, fy], 1)
+            if self.solver == "dense" and self.p == 2:
+                fixed = fx, fy  # the dense solver then differentiates the latent part alone
+            else:  # the features are coordinates like any other (their gradient goes nowhere)
+                x, y = whole
         elif self.scale_cost == "mean":
             # differentiated on purpose: a detached scale would leave a gradient that shrinks
             # both clouds every step, and the latent space collapses towards a point
@@ -180,10 +180,7 @@ class UnbalancedSinkhorn(nn.Module):
             mean_cost = cost.mean().clamp_min(1e-12)
             x, y = x / mean_cost ** (1.0 / self.p), y / mean_cost ** (1.0 / self.p)
             cost = cost / mean_cost  # the rescaled clouds' cost, reused by the blur rule
-        if fixed is None:
-            blur = self.current_blur(x, y, cost)
-        else:
-            blur = self.current_blur(torch.cat([x, fixed[0]], 1), torch.cat([y, fixed[1]], 1))
+        blur = self.current_blur(*(whole or (x, y)), cost)
         reach = None if self.reach_scale is None else self.reach_scale * blur
         if self.training:
             self.step += 1
