@@ -11,6 +11,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from diagvi.data import ModalityData
@@ -124,13 +125,20 @@ def knn_imputed_values(
         neighbours = knn(z_source, z_target, k=k)
     else:
         neighbours = candidates[knn(z_source, z_target[candidates], k=k)]
+    k = neighbours.shape[1]
     writer = row_writer(out, len(z_source))
     for idx in _minibatches(len(z_source), batch_size):
         rows, inverse = np.unique(neighbours[idx], return_inverse=True)
         x = target.rows(rows)["x"].numpy().astype(np.float64)
         if library is not None:
-            x = x / np.maximum(x.sum(1, keepdims=True), 1e-12)
-        mean = x[inverse.reshape(len(idx), -1)].mean(1)
+            x /= np.maximum(x.sum(1, keepdims=True), 1e-12)
+        # the mean as a product with weights 1/k: gathering each cell's neighbour rows first
+        # would hold k times the result's block (cells x k x features)
+        cells = np.repeat(np.arange(len(idx)), k)
+        weights = sp.csr_matrix(
+            (np.full(cells.size, 1.0 / k), (cells, inverse.ravel())), shape=(len(idx), len(rows))
+        )
+        mean = np.asarray(weights @ x)
         writer.write((mean if library is None else mean * library[idx, None]).astype(np.float32))
     return writer.result()
 

@@ -335,9 +335,23 @@ class DIAGVI:
         self._check_name(name)
         if adata is None:
             return self.data[name]
+        if not isinstance(adata, ad.AnnData):  # before its var_names are read
+            raise TypeError(
+                f"modality {name!r}: expected an AnnData, got {type(adata).__name__}; wrap a "
+                "cells x features matrix as anndata.AnnData(X, var=...) with the training features"
+            )
         check_features(name, [str(v) for v in self.data[name].var_names], adata.var_names)
         setup = dataclasses.replace(self.setups[name], batch_key=None, labels_key=None)
         return read_modality(name, adata, setup)
+
+    def _read_all(self, adatas: Mapping[str, ad.AnnData]) -> dict[str, ModalityData]:
+        """``{modality: AnnData}`` (one or both modalities), each read by :meth:`_read`."""
+        if not isinstance(adatas, Mapping):  # e.g. one AnnData, as scvi-tools takes it
+            raise TypeError(
+                f"adatas must be a dict {{modality name: AnnData}}, got {type(adatas).__name__}; "
+                f"e.g. {{{next(iter(self.data))!r}: adata}}"
+            )
+        return {m: self._read(m, a) for m, a in adatas.items()}
 
     def get_latent_representation(
         self,
@@ -356,7 +370,7 @@ class DIAGVI:
         at a time.
         """
         _check_positive_int(batch_size=batch_size)
-        sources = self.data if adatas is None else {m: self._read(m, a) for m, a in adatas.items()}
+        sources = self.data if adatas is None else self._read_all(adatas)
         return {
             m: inference.latent_representation(
                 self.module,
@@ -376,7 +390,9 @@ class DIAGVI:
         as the second batch would silently decode into the wrong one.
         """
         categories = self.data[name].batch_categories
-        values = _per_cell(0 if batch is None else batch, n, "target_batch", name, dtype=object)
+        if batch is None:  # the first batch: not the one named "0" (integer names are names)
+            return np.zeros(n, dtype=np.int64)
+        values = _per_cell(batch, n, "target_batch", name, dtype=object)
         lookup = {c: i for i, c in enumerate(categories)}
         integer_names = any(c.lstrip("-").isdigit() for c in categories)
         codes = np.empty(n, dtype=np.int64)
@@ -485,6 +501,13 @@ class DIAGVI:
             if len(np.unique(batch)) > 1:
                 raise ValueError("method='knn' takes one target_batch for all cells, not one each")
             candidates = np.flatnonzero(reference.batch == batch[0])
+            if not len(candidates):  # a saved model's batch absent from the loaded cells
+                raise DataError(
+                    f"target_batch {reference.batch_categories[batch[0]]!r} of modality "
+                    f"{target!r} has no cells in this model's data, and method='knn' averages "
+                    "measured cells of that batch: load the model with that batch's cells, or "
+                    "use method='decoder'"
+                )
         z_source = inference.latent_representation(self.module, source, batch_size)
         z_target = inference.latent_representation(self.module, reference, batch_size)
         return inference.knn_imputed_values(
@@ -567,7 +590,7 @@ class DIAGVI:
         training features in the training order; new cells are decoded in the first batch.
         """
         _check_positive_int(n_samples=n_samples, batch_size=batch_size)
-        sources = self.data if adatas is None else {m: self._read(m, a) for m, a in adatas.items()}
+        sources = self.data if adatas is None else self._read_all(adatas)
         return {
             m: inference.posterior_predictive(self.module, d, n_samples, batch_size)
             for m, d in sources.items()
