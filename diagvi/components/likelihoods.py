@@ -180,7 +180,9 @@ class Gaussian(Likelihood):
         return self._per_cell(F.softplus(self.raw_scale) + _EPS, batch)
 
     def forward(self, eta, batch, library):
-        return Normal(eta, self.scale(batch))
+        # no argument validation, as every other likelihood: a non-finite eta gives a
+        # non-finite loss term (which training reports or skips), not a ValueError
+        return Normal(eta, self.scale(batch), validate_args=False)
 
 
 @LIKELIHOODS.register("log1pnormal")
