@@ -386,24 +386,26 @@ class DIAGVI:
         """Batch codes of ``name`` for ``n`` cells from names or indices (one, or one per cell).
 
         A value is a batch *name* first; an integer that names no batch is an index, unless
-        the batch names are themselves integers (``obs["donor"] = 1, 2``), where reading ``1``
-        as the second batch would silently decode into the wrong one.
+        the batch names are themselves numbers (``obs["donor"] = 1, 2``, or ``1.0, 2.0`` from a
+        float column), where reading ``1`` as the second batch would silently decode into the
+        wrong one: a number then names the batch of equal value.
         """
         categories = self.data[name].batch_categories
         if batch is None:  # the first batch: not the one named "0" (integer names are names)
             return np.zeros(n, dtype=np.int64)
         values = _per_cell(batch, n, "target_batch", name, dtype=object)
         lookup = {c: i for i, c in enumerate(categories)}
-        integer_names = any(c.lstrip("-").isdigit() for c in categories)
+        numeric = {v: i for i, c in enumerate(categories) if (v := _finite_number(c)) is not None}
         codes = np.empty(n, dtype=np.int64)
         for i, value in enumerate(values):
+            is_number = isinstance(
+                value, int | float | np.integer | np.floating
+            ) and not isinstance(value, bool | np.bool_)
             if str(value) in lookup:
                 codes[i] = lookup[str(value)]
-            elif (
-                isinstance(value, int | np.integer)
-                and not isinstance(value, bool)
-                and not integer_names
-            ):
+            elif is_number and numeric and float(value) in numeric:
+                codes[i] = numeric[float(value)]
+            elif isinstance(value, int | np.integer) and is_number and not numeric:
                 if not 0 <= value < len(categories):
                     raise DataError(
                         f"batch index {value} out of range for modality {name!r} with "
@@ -411,7 +413,7 @@ class DIAGVI:
                     )
                 codes[i] = value
             else:
-                note = " (integer batch names are read as names)" if integer_names else ""
+                note = " (numeric batch names are read as names)" if numeric else ""
                 raise DataError(
                     f"unknown batch {value!r} of modality {name!r}; valid batches: {categories}"
                     + note
@@ -708,6 +710,15 @@ def _check_positive_int(**values) -> None:
     for what, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _finite_number(name: str) -> float | None:
+    """``name`` as a finite number (``"1"``, ``"1.0"``, ``"-2"``), or None."""
+    try:
+        value = float(name)
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None
 
 
 def _per_cell(value, n: int, what: str, modality: str, dtype) -> np.ndarray:

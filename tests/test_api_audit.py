@@ -60,6 +60,20 @@ def test_default_target_batch_is_the_first_with_integer_batch_names(donors, firs
     assert knn.shape == (40, 5) and np.isfinite(knn).all()
 
 
+def test_numbers_name_batches_of_a_float_column():
+    """Donors ``1.0`` and ``2.0`` (a float column): ``target_batch=1`` is donor ``1.0``, not
+    the second batch; a number that names no batch is refused, not read as an index."""
+    model, _ = tiny_model(np.where(np.arange(40) % 2, 2.0, 1.0))
+    assert model.data["protein"].batch_categories == ["1.0", "2.0"]
+    first = model.get_imputed_values("rna", target_batch="1.0", target_libsize=100.0)
+    for value in (1, np.int64(1), 1.0):
+        np.testing.assert_array_equal(
+            first, model.get_imputed_values("rna", target_batch=value, target_libsize=100.0)
+        )
+    with pytest.raises(DataError, match="numeric batch names are read as names"):
+        model.get_imputed_values("rna", target_batch=0)
+
+
 def test_knn_imputation_in_a_batch_without_cells_raises(tmp_path):
     """A saved model loaded on some of its batches: kNN imputation into a batch with no cells
     is refused by name instead of returning NaN."""

@@ -403,7 +403,7 @@ def test_integer_batch_names_are_names_not_positions():
     per_cell = protein.obs["donor"].to_numpy()[: adatas["rna"].n_obs]
     mixed = model.get_imputed_values("rna", target_batch=per_cell, target_libsize=1000)
     assert np.allclose(mixed[per_cell == 2], other[per_cell == 2])
-    with pytest.raises(DataError, match="integer batch names are read as names"):
+    with pytest.raises(DataError, match="numeric batch names are read as names"):
         model.get_imputed_values("rna", target_batch=0)
 
 
