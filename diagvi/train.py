@@ -16,7 +16,7 @@ import math
 import platform
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ from diagvi.data import (
 from diagvi.errors import DataError
 from diagvi.graph import build_guidance_graph
 from diagvi.io import atomic_write
-from diagvi.lit import DEFAULT_WEIGHTS, DiagVILightning
+from diagvi.lit import DEFAULT_WEIGHTS, NONFINITE_ACTIONS, DiagVILightning
 from diagvi.module import DiagVAE
 
 if TYPE_CHECKING:
@@ -79,6 +79,53 @@ OmegaConf.register_new_resolver(
 )
 
 
+def _int_at_least(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# key: (test, what a value must be); keys absent from the config (or null, where marked) pass
+_NONE_OK = ("threads",)
+CONFIG_CHECKS: dict[str, tuple[Any, str]] = {
+    "seed": (lambda v: _int_at_least(0)(v) and v < 2**32, "an integer in [0, 2^32)"),
+    "threads": (_int_at_least(1), "a positive integer, or null for torch's default"),
+    "data.batch_size": (_int_at_least(1), "a positive integer (cells per modality per minibatch)"),
+    "data.num_workers": (_int_at_least(0), "a non-negative integer"),
+    "model.n_latent": (_int_at_least(1), "a positive integer"),
+    "model.encoder.n_hidden": (_int_at_least(1), "a positive integer"),
+    "model.encoder.n_layers": (_int_at_least(0), "a non-negative integer"),
+    "model.encoder.dropout": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.lr": (lambda v: _finite(v) and v > 0, "a positive number"),
+    "model.weight_decay": (lambda v: _finite(v) and v >= 0, "a non-negative number"),
+    "model.nonfinite": (lambda v: v in NONFINITE_ACTIONS, f"one of {list(NONFINITE_ACTIONS)}"),
+    **{
+        f"model.{k}": (lambda v: _finite(v) and v >= 0, "a non-negative number (0: term off)")
+        for k in DEFAULT_WEIGHTS
+    },
+}
+
+
+def check_config(cfg: DictConfig, keys: Iterable[str] = CONFIG_CHECKS) -> None:
+    """Refuse bad values of the config ``keys`` this entry point reads, naming the key.
+
+    Without it they fail later with an error that names no key (``data.batch_size=0``: a
+    ``ZeroDivisionError``; ``seed=-5``: numpy's bounds) or, worse, train a meaningless model
+    (``model.n_latent=0`` reports FOSCTTM 0, a perfect pairing). Raises
+    :class:`~diagvi.errors.DataError`.
+    """
+    missing = object()
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=missing)
+        if value is missing or (value is None and key in _NONE_OK):
+            continue
+        test, what = CONFIG_CHECKS[key]
+        if not test(value):
+            raise DataError(f"{key} must be {what}, got {value!r}")
+
+
 def likelihood_names(cfg: DictConfig) -> dict[str, str]:
     """Registered likelihood name of each modality, read from ``model.likelihood.<modality>``."""
     chosen = cfg.model.get("likelihood") or {}
@@ -100,10 +147,18 @@ def build_datamodule(cfg: DictConfig) -> tuple[PairedDataModule, DataSpec, dict]
             f"{list(cfg.data.modalities)}; make them the same"
         )
     names = likelihood_names(cfg)
-    setups = {
-        m: ModalitySetup(**OmegaConf.to_container(cfg.data.modalities[m]), likelihood=names[m])
-        for m in cfg.data.modalities
-    }
+    setups = {}
+    for m in cfg.data.modalities:
+        try:
+            setups[m] = ModalitySetup(
+                **OmegaConf.to_container(cfg.data.modalities[m]), likelihood=names[m]
+            )
+        except (DataError, TypeError) as err:
+            # ModalitySetup names its own field; the config key is data.modalities.<m>.<field>
+            message = str(err).replace("ModalitySetup.", f"data.modalities.{m}.")
+            if message == str(err):
+                message = f"data.modalities.{m}: {err}"
+            raise type(err)(message) from err
     data, categories = read_modalities({m: adatas[m] for m in cfg.data.modalities}, setups)
     features = {m: d.var_names for m, d in data.items()}
     if cfg.data.get("mapping_path"):
@@ -362,6 +417,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Raises ``FloatingPointError`` when the objective is not finite (a diverged run) and, in a
     sweep, ``optuna.TrialPruned`` after writing the outputs of a pruned trial.
     """
+    check_config(cfg, ("seed", "threads"))  # the rest once a logger can show the config
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True)
@@ -397,6 +453,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # (loggers write on rank 0 only)
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        check_config(cfg)
         dm, spec, adatas = build_datamodule(cfg)
         check_monitors(callbacks, dm)
         # the objective is computed after training (and, in a sweep, every epoch): its
