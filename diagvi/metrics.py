@@ -94,13 +94,15 @@ def knn_graph(x: np.ndarray, k: int = 15, chunk: int | None = None) -> sp.csr_ma
 
 
 def _fraction_closer(x: torch.Tensor, y: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """For each row i of x: fraction of rows of y closer to x_i than its true match y_i."""
+    """For each row i of x: fraction of rows of y closer to x_i than its true match y_i,
+    the others at the same distance counted half."""
     out = torch.empty(len(x), dtype=torch.float64)
     n = len(y)
     for start, d in _blocks(x, y, chunk):
         rows = torch.arange(len(d))
-        true = d[rows, rows + start]
-        frac = (d < true[:, None]).sum(1).double() / (n - 1)
+        true = d[rows, rows + start][:, None]
+        ties = (d == true).sum(1).double() - 1.0  # the true match itself is no tie
+        frac = ((d < true).sum(1).double() + ties / 2) / (n - 1)
         # a NaN distance compares False and would count as "not closer": a diverged
         # embedding would score as a perfect one
         frac[~torch.isfinite(d).all(1)] = torch.nan
@@ -112,11 +114,17 @@ def foscttm(x: np.ndarray, y: np.ndarray, chunk: int | None = None) -> dict[str,
     """Fraction Of Samples Closer Than the True Match (Liu et al. 2019), both directions.
 
     Row ``i`` of ``x`` and row ``i`` of ``y`` are the same cell measured in two modalities.
-    For cell ``i``, ``FOSCTTM_x(i) = #{j : d(x_i, y_j) < d(x_i, y_i)} / (n - 1)``, and
-    symmetrically ``FOSCTTM_y(i) = #{j : d(y_i, x_j) < d(y_i, x_i)} / (n - 1)``; each
-    direction is averaged over cells and ``foscttm`` is the mean of the two directions.
+    For cell ``i``, ``FOSCTTM_x(i) = (#{j : d(x_i, y_j) < d(x_i, y_i)} + T_i / 2) / (n - 1)``
+    with ``T_i = #{j != i : d(x_i, y_j) = d(x_i, y_i)}``, and symmetrically ``FOSCTTM_y``;
+    each direction is averaged over cells and ``foscttm`` is the mean of the two directions.
     0 is perfect, about 0.5 is random; NaN when an embedding holds non-finite values. Memory
     is ``chunk x n``, never ``n x n``.
+
+    Ties count half: the expected fraction when they are broken at random. The usual strict
+    count (Liu et al.; SCOT, GLUE) is the same for embeddings without ties, but scores a
+    collapsed embedding (every distance equal) as perfect, 0, and credits an embedding with
+    every cell that it places exactly on the true match (duplicate points) as if it had told
+    them apart.
 
     Returns
     -------

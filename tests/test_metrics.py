@@ -50,12 +50,12 @@ def test_foscttm_hand_computed():
     x = np.array([[0.0], [1.0], [2.0]])
     y = np.array([[0.0], [2.0], [1.0]])  # cells 1 and 2 are swapped in y
     # from x: cell 0 (true match at distance 0) -> 0; cell 1 (x=1, true y=2 at distance 1):
-    # y_2 = 1 is closer -> 1/2; cell 2 (x=2, true y=1 at distance 1): y_1 = 2 closer -> 1/2
-    # from y, symmetrically: 0, 1/2, 1/2
+    # y_2 = 1 is closer and y_0 = 0 ties -> (1 + 1/2) / 2; cell 2 (x=2, true y=1 at distance
+    # 1): y_1 = 2 closer -> 1/2; from y, symmetrically: 0, 1/2, 3/4
     out = metrics.foscttm(x, y)
-    assert out["foscttm_x"] == pytest.approx(1 / 3)
-    assert out["foscttm_y"] == pytest.approx(1 / 3)
-    assert out["foscttm"] == pytest.approx(1 / 3)
+    assert out["foscttm_x"] == pytest.approx(5 / 12)
+    assert out["foscttm_y"] == pytest.approx(5 / 12)
+    assert out["foscttm"] == pytest.approx(5 / 12)
 
 
 def test_foscttm_perfect_random_and_symmetry(rng):
@@ -67,6 +67,18 @@ def test_foscttm_perfect_random_and_symmetry(rng):
     swapped = metrics.foscttm(y, x)
     assert swapped["foscttm_x"] == pytest.approx(random["foscttm_y"])
     assert swapped["foscttm"] == pytest.approx(random["foscttm"])
+
+
+def test_foscttm_ties_count_half():
+    # a collapsed embedding tells no cell from its twin: chance, not perfect
+    zeros = np.zeros((10, 3))
+    assert metrics.foscttm(zeros, zeros)["foscttm"] == pytest.approx(0.5)
+    # cells 0-2 coincide in both modalities (duplicate points), cell 3 stands apart: each
+    # of 0-2 ties with the other two (1 of 3 closer on average), cell 3 is exact
+    x = np.array([[0.0], [0.0], [0.0], [5.0]])
+    out = metrics.foscttm(x, x.copy())
+    assert out["foscttm_x"] == pytest.approx((3 * (2 / 2) / 3 + 0) / 4)
+    assert out["foscttm"] == pytest.approx(0.25)
 
 
 def test_foscttm_chunked_equals_unchunked_and_validates(rng):
@@ -236,13 +248,15 @@ def test_feature_correlations_match_scipy(rng):
 
 
 def _brute_foscttm(x, y):
-    """FOSCTTM from explicit pairwise differences (no Gram-matrix shortcut)."""
+    """FOSCTTM from explicit pairwise differences (no Gram-matrix shortcut), ties half."""
     d = np.sqrt(((x[:, None] - y[None]) ** 2).sum(-1))
-    true = np.diag(d)
+    true = np.diag(d)[:, None]
     n = len(x)
-    return ((d < true[:, None]).sum(1) / (n - 1)).mean(), (
-        (d.T < true[:, None]).sum(1) / (n - 1)
-    ).mean()
+
+    def fraction(d):
+        return (((d < true).sum(1) + ((d == true).sum(1) - 1) / 2) / (n - 1)).mean()
+
+    return fraction(d), fraction(d.T)
 
 
 def test_foscttm_exact_far_from_the_origin(rng):
