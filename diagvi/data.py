@@ -252,14 +252,29 @@ def read_modality(name: str, adata: ad.AnnData, setup: ModalitySetup) -> Modalit
 # both modalities and their labels
 
 
-def _label_values(name: str, adata: ad.AnnData, setup: ModalitySetup) -> pd.Series:
-    """Labels as strings (classes match by name), ``None`` for unlabelled cells.
+def _label_name(value: object) -> str:
+    """The class name of a label: its string, a whole float written as an integer.
 
-    A cell is unlabelled when its label is missing (NaN/None) or ``setup.unlabeled_category``.
+    pandas stores an integer column with a missing value as float, so cluster ``1`` is ``1.0``
+    in one modality and ``1`` in the other: the same class, named ``"1"`` in both.
+    """
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _label_values(name: str, adata: ad.AnnData, setup: ModalitySetup) -> pd.Series:
+    """Labels as strings (classes match by name, :func:`_label_name`), ``None`` for unlabelled
+    cells.
+
+    A cell is unlabelled when its label is missing (NaN/None) or ``setup.unlabeled_category``
+    (as written, or as a number: ``"-1"`` matches ``-1.0``).
     """
     raw = _obs_column(name, adata, setup.labels_key, "labels_key")
-    labels = raw.astype(object).where(raw.notna(), None).map(str, na_action="ignore")
-    return labels.where(labels != str(setup.unlabeled_category), None).reset_index(drop=True)
+    codes, uniques = pd.factorize(raw.astype(object))  # missing -> -1; names built once each
+    unlabeled = {str(setup.unlabeled_category), _label_name(setup.unlabeled_category)}
+    names = [None if {str(u), _label_name(u)} & unlabeled else _label_name(u) for u in uniques]
+    return pd.Series(np.array([*names, None], dtype=object)[codes], dtype=object)
 
 
 def read_modalities(
@@ -299,11 +314,10 @@ def read_modalities(
             _recode_batches(data[name], list(batch_categories[name]))
         if setups[name].labels_key is not None:
             labels[name] = _label_values(name, adata, setups[name]).iloc[kept]
-    found = sorted({v for values in labels.values() for v in values.dropna()})
     if not saved:
-        categories = tuple(found)
-    elif unknown := sorted(set(found) - set(categories)):
-        raise DataError(f"labels {unknown} were not classes of the saved model: {list(categories)}")
+        categories = tuple(sorted({v for values in labels.values() for v in values.dropna()}))
+    elif alias := _saved_float_names(categories):
+        labels = {name: values.replace(alias) for name, values in labels.items()}
     for name, values in labels.items():
         setup = setups[name]
         if values.isna().all() and not saved:
@@ -312,9 +326,29 @@ def read_modalities(
                 f"{setup.labels_key!r} (NaN or unlabeled_category={setup.unlabeled_category!r}); "
                 "expected some labelled cells: drop labels_key or add labels"
             )
+        if saved and (unknown := sorted(set(values.dropna().unique()) - set(categories))):
+            raise DataError(
+                f"modality {name!r}: labels_key {setup.labels_key!r} holds labels {unknown} that "
+                f"were not classes of the saved model: {list(categories)}; mark those cells "
+                f"unlabelled (NaN or {setup.unlabeled_category!r})"
+            )
         codes = pd.Categorical(values, categories=list(categories)).codes  # None -> -1
         data[name].labels = codes.astype(np.int64)
     return data, tuple(categories)
+
+
+def _saved_float_names(categories: Sequence[str]) -> dict[str, str]:
+    """``{name: saved name}`` for the classes of a model saved when a whole float label was
+    named as Python writes it (``"1.0"``, now ``"1"``, :func:`_label_name`)."""
+    alias = {}
+    for c in categories:
+        try:
+            value = float(c)
+        except ValueError:
+            continue
+        if str(value) == c and value.is_integer() and _label_name(value) not in categories:
+            alias[_label_name(value)] = c
+    return alias
 
 
 def _labels_if_present(adata: ad.AnnData, setup: ModalitySetup) -> ModalitySetup:

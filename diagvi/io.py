@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,13 +27,22 @@ def graph_to_dict(graph: Data) -> dict:
 
 
 def graph_from_dict(saved: dict) -> Data:
-    """Inverse of :func:`graph_to_dict` (validate it again with the data it is used with)."""
-    return Data(
+    """Inverse of :func:`graph_to_dict` (validate it again with the data it is used with).
+
+    The modality names and node ranges come back too: with them,
+    :func:`diagvi.graph.validate_graph` renumbers the graph for modalities given in the other
+    order instead of reading each modality's nodes as the other's.
+    """
+    graph = Data(
         edge_index=saved["edge_index"],
         edge_weight=saved["edge_weight"],
         edge_sign=saved["edge_sign"],
         num_nodes=saved["num_nodes"],
     )
+    if "modalities" in saved:
+        graph.modalities = tuple(saved["modalities"])
+        graph.node_ranges = {m: tuple(r) for m, r in saved["node_ranges"].items()}
+    return graph
 
 
 def check_features(name: str, expected: list[str], given: pd.Index) -> None:
@@ -54,12 +64,26 @@ def check_features(name: str, expected: list[str], given: pd.Index) -> None:
 
 
 def atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    """Write via a temporary file in the same folder, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}"
-    )
-    os.close(fd)
+    """Write via a temporary file in the same folder, then ``os.replace``.
+
+    The file gets the permissions a plain write would give it: those of the file it replaces,
+    else ``0o666`` less the umask (not ``tempfile.mkstemp``'s owner-only ``0o600``, which would
+    hide saved models and checkpoints from the user's group).
+    """
     try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = None
+    while True:
+        tmp = str(target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp{target.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # less the umask
+            break
+        except FileExistsError:
+            continue
+    try:
+        if mode is not None:
+            os.chmod(tmp, mode)
         write(tmp)
         os.replace(tmp, target)
     finally:

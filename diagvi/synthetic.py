@@ -152,7 +152,9 @@ def _append_csr(group: h5py.Group, start: int, block: sp.csr_matrix) -> None:
     for key, values in (("data", block.data), ("indices", block.indices)):
         group[key].resize((offset + block.nnz,))
         group[key][offset:] = values
-    group["indptr"][start + 1 : start + 1 + block.shape[0]] = offset + block.indptr[1:]
+    # int64: the block's int32 offsets would wrap past 2**31 values (about 7 M cells of 2,000 genes)
+    ends = offset + block.indptr[1:].astype(np.int64)
+    group["indptr"][start + 1 : start + 1 + block.shape[0]] = ends
 
 
 def write_synthetic_pair(
