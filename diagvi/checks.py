@@ -202,7 +202,10 @@ def _matrix(
         return X, where
     with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported below
         if sp.issparse(X):
-            X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+            # one private float32 copy: csr_matrix(X, dtype, copy=True) converts and then
+            # copies again, holding twice the result's memory at its peak
+            csr = X.tocsr()  # a new matrix unless X is CSR already
+            X = sp.csr_matrix(csr.astype(np.float32, copy=csr is X), copy=False)
             X.sum_duplicates()  # our copy: canonical, so each stored value is one entry
             X.eliminate_zeros()
         else:

@@ -7,6 +7,7 @@ the checkpoint IO must refuse what Lightning's refuses.
 
 from __future__ import annotations
 
+import tracemalloc
 import warnings
 
 import anndata as ad
@@ -19,6 +20,7 @@ import torch
 import diagvi.stream as stream
 from diagvi import DataError
 from diagvi.checkpoint import AtomicCheckpointIO
+from diagvi.checks import _matrix
 from diagvi.data import ModalitySetup, read_modalities, read_modality
 from diagvi.stream import BackedMatrix
 
@@ -139,3 +141,19 @@ def test_atomic_checkpoint_io_refuses_storage_options_like_lightning(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
     io.save_checkpoint({"state_dict": {"w": torch.ones(1)}, "epoch": 2}, path)
     assert io.load_checkpoint(path)["epoch"] == 2
+
+
+def test_sparse_input_is_copied_to_float32_once():
+    """A float64 CSR X becomes one private float32 CSR copy, without a second full copy at
+    the peak (csr_matrix(X, dtype, copy=True) held twice the result's memory)."""
+    X = sp.random(4000, 500, density=0.1, format="csr", dtype=np.float64, random_state=0)
+    adata = ad.AnnData(X)
+    tracemalloc.start()
+    copy, _ = _matrix("rna", adata, None)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    result = copy.data.nbytes + copy.indices.nbytes + copy.indptr.nbytes
+    assert isinstance(copy, sp.csr_matrix) and copy.dtype == np.float32
+    assert peak < 1.3 * result
+    assert not np.shares_memory(copy.data, adata.X.data)
+    assert (copy != X.astype(np.float32)).nnz == 0
