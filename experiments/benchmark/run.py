@@ -21,8 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):  # run as a script: import from the repository root
     sys.path[0] = str(REPO)
 
+import anndata as ad  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
 
 from diagvi.model import default_max_epochs  # noqa: E402
 from diagvi.plotting import plot_joint_embedding  # noqa: E402
@@ -94,17 +96,61 @@ def write_inputs(ds: datasets.BenchData, folder: Path) -> None:
     ds.mapping.to_csv(folder / "mapping.csv", index=False)
 
 
+def input_mismatch(ds: datasets.BenchData, folder: Path) -> str | None:
+    """Why the runner inputs in ``folder`` are not ``ds`` (None when they are).
+
+    ``--rescore`` scores a run's latents against the dataset loaded now; a run trained on
+    other cells (another ``--max-cells``, a changed loader) would be scored on misaligned rows.
+    Compared: what the runners read (cells, features, counts, training labels, mapping).
+    """
+    for m, adata in ds.adatas.items():
+        path = folder / f"{m}.h5ad"
+        if not path.is_file():
+            return f"{path} is missing: no run to rescore"
+        saved = ad.read_h5ad(path)
+        if not (
+            saved.obs_names.equals(adata.obs_names) and saved.var_names.equals(adata.var_names)
+        ):
+            return f"{path}: other cells or features than {ds.name} loaded now"
+        x, y = (sp.csr_matrix(a.layers["counts"]) for a in (saved, adata))
+        if (x != y).nnz:
+            return f"{path}: other counts than {ds.name} loaded now"
+        labels = [
+            None if "cell_type" not in a.obs else a.obs["cell_type"].astype(str).tolist()
+            for a in (saved, adata)
+        ]
+        if labels[0] != labels[1]:
+            return f"{path}: other training labels than {ds.name} loaded now"
+    saved_map = pd.read_csv(folder / "mapping.csv", dtype=str, keep_default_na=False)
+    if not saved_map.equals(ds.mapping.astype(str).reset_index(drop=True)):
+        return f"{folder / 'mapping.csv'}: another feature mapping than {ds.name} loaded now"
+    return None
+
+
+#: what a runner writes to its output folder (``runner_io.write_outputs``) and ``run_model``
+OUTPUT_FILES = ("config.json", "stats.json", "latent_*.npy", "imputed*.npy", "predicted.npy")
+
+
 def run_model(
-    python: str, script: str, in_dir: Path, out_dir: Path, config: dict
+    python: str,
+    script: str,
+    in_dir: Path,
+    out_dir: Path,
+    config: dict,
+    n_obs: dict[str, int] | None = None,
 ) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Run one runner in a subprocess.
 
     Returns (stats, latents, outputs): ``outputs`` holds the imputations (``"primary"``,
     ``"decoder"``) and the classifier's labels (``"predicted"``) that the runner wrote.
+    An earlier run's outputs in ``out_dir`` are removed first, so that a failed run leaves
+    nothing for ``--rescore`` to score; ``config.json`` is written there only on success.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in OUTPUT_FILES:
+        for stale in out_dir.glob(pattern):
+            stale.unlink()
     (in_dir / "config.json").write_text(json.dumps(config, indent=2))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))  # for --rescore
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     with open(out_dir / "log.txt", "w") as log:
         done = subprocess.run(
@@ -117,19 +163,28 @@ def run_model(
     if done.returncode != 0:
         tail = (out_dir / "log.txt").read_text().splitlines()[-15:]
         raise RuntimeError(f"{script} failed ({done.returncode}):\n" + "\n".join(tail))
-    return read_outputs(out_dir, config)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))  # for --rescore
+    return read_outputs(out_dir, config, n_obs)
 
 
 def read_outputs(
-    out_dir: Path, config: dict
+    out_dir: Path, config: dict, n_obs: dict[str, int] | None = None
 ) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """What a runner wrote to ``out_dir`` (see :func:`run_model`); refused when the run was
-    made with other settings than ``config`` (``--rescore``)."""
+    made with other settings than ``config`` (``--rescore``; runs from before ``config.json``
+    was saved have none, and are taken as made with ``config``), when a latent is not finite,
+    or when its rows are not ``n_obs[modality]`` cells (if given). A failed run leaves no
+    outputs (:func:`run_model` removes the earlier ones first)."""
     used = out_dir / "config.json"
     if used.exists() and json.loads(used.read_text()) != json.loads(json.dumps(config)):
         raise RuntimeError(f"{out_dir} was trained with other settings ({used}); train again")
     stats = json.loads((out_dir / "stats.json").read_text())
     latents = {m: np.load(out_dir / f"latent_{m}.npy") for m in config["modalities"]}
+    for m, z in latents.items():
+        if n_obs is not None and len(z) != n_obs[m]:
+            raise RuntimeError(f"{out_dir}: latent_{m} has {len(z)} rows, {m} has {n_obs[m]} cells")
+        if not np.isfinite(z).all():
+            raise RuntimeError(f"{out_dir}: latent_{m} has non-finite values; the run failed")
     imputed = {
         kind: np.load(out_dir / f"{name}.npy")
         for kind, name in (
@@ -139,6 +194,15 @@ def read_outputs(
         )
         if (out_dir / f"{name}.npy").exists()
     }
+    if n_obs is not None:  # imputations: one row per source cell; labels: per target cell
+        source = (config.get("impute") or config["modalities"])[0]
+        rows = {"primary": source, "decoder": source, "predicted": config["modalities"][1]}
+        for kind, values in imputed.items():
+            if len(values) != n_obs[rows[kind]]:
+                raise RuntimeError(
+                    f"{out_dir}: {kind} output has {len(values)} rows, "
+                    f"{rows[kind]} has {n_obs[rows[kind]]} cells"
+                )
     return stats, latents, imputed
 
 
@@ -172,8 +236,10 @@ def main(argv=None) -> None:
             f"[{time.perf_counter() - start:6.0f}s] {name}: {shapes}, {epochs} epochs", flush=True
         )
         in_dir = args.work_dir / name / "input"
+        mismatch = input_mismatch(ds, in_dir) if args.rescore else None
         if not args.rescore:
             write_inputs(ds, in_dir)
+        n_obs = {m: a.n_obs for m, a in ds.adatas.items()}
         before = {m: modality_pca(a.layers["counts"]) for m, a in ds.adatas.items()}
         plot_labels = {m: v for m, v in ds.labels.items() if v is not None}
         for seed in args.seeds:
@@ -209,10 +275,12 @@ def main(argv=None) -> None:
                             else (sys.executable, "diagvi_runner.py")
                         )
                         out_dir = args.work_dir / name / f"{method}_seed{seed}"
+                        if mismatch:  # --rescore of a run trained on other data
+                            raise RuntimeError(f"{mismatch}; train again")
                         stats, latents, imputed = (
-                            read_outputs(out_dir, config)
+                            read_outputs(out_dir, config, n_obs)
                             if args.rescore
-                            else run_model(python, script, in_dir, out_dir, config)
+                            else run_model(python, script, in_dir, out_dir, config, n_obs)
                         )
                         speed.append({"dataset": name, "method": method, "seed": seed, **stats})
                     scores = scoring.evaluate(

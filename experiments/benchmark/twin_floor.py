@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 
 from experiments.benchmark import datasets, scoring  # noqa: E402
 from experiments.benchmark.baselines import modality_pca  # noqa: E402
-from experiments.benchmark.run import baseline  # noqa: E402
+from experiments.benchmark.run import baseline, input_mismatch  # noqa: E402
 
 PAIRED = ("eccite", "pbmc10k", "pbmc5k", "genesplit")
 KEYS = ("transfer_accuracy", "unshared_transfer")
@@ -32,6 +32,9 @@ KEYS = ("transfer_accuracy", "unshared_transfer")
 
 def rows(ds: datasets.BenchData, work: Path) -> list[dict]:
     a = ds.modalities[0]
+    # latents of a run on other cells (run.py --max-cells) would be scored on misaligned rows
+    if mismatch := input_mismatch(ds, work / ds.name / "input"):
+        raise RuntimeError(f"{mismatch}: the runs in {work} are not of this dataset")
     embeddings = [
         ("own PCA of modality 0", {a: modality_pca(ds.adatas[a].layers["counts"])}),
         ("joint_pca", baseline(ds, n_latent=20)[0]),
