@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,21 @@ import pandas as pd
 import torch
 
 from diagvi.module import Batch, DiagVAE
+
+
+class _DropLightningAdvert(logging.Filter):
+    """Drop Lightning's advertisement for its cloud logger, printed by every ``Trainer``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+# Neither message is about the user's run: each ``fit`` printed the advertisement, and
+# Lightning's own pytree helper warns under torch 2.13 on every first step.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningAdvert())
+warnings.filterwarnings(
+    "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+)
 
 # A term's weight is chosen by the part of its name before "/".
 WEIGHT_OF_TERM = {

@@ -105,3 +105,29 @@ def test_fit_moves_minibatches_without_lightning_warnings():
         warnings.simplefilter("always")
         model.train(max_epochs=1, accelerator="cpu", batch_size=16, early_stopping=False)
     assert not [w for w in caught if "transfer_batch_to_device" in str(w.message)]
+
+
+def test_trainer_prints_no_lightning_advert():
+    """Building a Trainer logs Lightning's own facts (accelerator) but not its advertisement
+    for a cloud logger (filtered by ``diagvi.lit``)."""
+    import logging
+
+    import diagvi.lit  # noqa: F401  (installs the filter)
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    handler, level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        L.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert any("GPU available" in r for r in records)
+    assert not any("litlogger" in r for r in records)
