@@ -487,3 +487,18 @@ def test_h5ad_guidance_mapping_on_missing_and_empty(compose_cfg, tmp_path):
     assert dm.data["rna"].n_obs == 39 and len(spec.graph.edge_index[0]) > 0
     with pytest.raises(DataError, match="share no feature name.*data.mapping_path=links.csv"):
         build_datamodule(compose_cfg([*h5ad, "data.guidance=shared_names"]))
+
+
+@pytest.mark.parametrize("option", ["uot", "sinkhorn"])
+def test_sinkhorn_configs_expose_every_setting(option):
+    """Every argument of the Sinkhorn alignments is a key of its config, so a sweep or the
+    command line sets it without Hydra's ``+`` (balanced: all but the reach)."""
+    import inspect
+
+    from diagvi.components.alignment import UnbalancedSinkhorn
+
+    cfg = OmegaConf.load(CONFIG_DIR / "model" / "alignment" / f"{option}.yaml")
+    expected = set(inspect.signature(UnbalancedSinkhorn.__init__).parameters) - {"self"}
+    if option == "sinkhorn":
+        expected.discard("reach_scale")
+    assert set(cfg) - {"_target_"} == expected
