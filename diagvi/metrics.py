@@ -10,6 +10,7 @@ ASW, batch ASW, graph connectivity) and kNN label transfer as in GLUE (Cao & Gao
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
@@ -62,6 +63,8 @@ def knn(
 
     With ``reference=None`` the query is its own reference and each row's own index is left
     out (``k`` neighbours besides itself). ``k`` is capped at the number of candidates.
+    Raises a ValueError when either holds a non-finite value: every distance of such a row is
+    NaN (``inf - inf`` too), and its neighbours would be arbitrary indices.
 
     Returns
     -------
@@ -70,6 +73,9 @@ def knn(
     q = _tensor(query)
     self_ref = reference is None
     ref = q if self_ref else _tensor(reference)
+    for name, t in (("query", q), ("reference", ref)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} has non-finite values (NaN or inf): no nearest neighbours")
     k = min(k, len(ref) - int(self_ref))
     out = np.empty((len(q), k), dtype=np.int64)
     for start, d in _blocks(q, ref, chunk):
@@ -179,6 +185,13 @@ def classification_scores(true: np.ndarray, predicted: np.ndarray) -> dict[str, 
     """
     true, predicted = np.asarray(true), np.asarray(predicted)
     _check_length("predicted", predicted, len(true), "true")
+    # a number never equals a string: labels 1 against "1" would score 0, not an error
+    kinds = {true.dtype.kind, predicted.dtype.kind}
+    if true.size and kinds & set("US") and kinds & set("biuf"):
+        raise ValueError(
+            f"true ({true.dtype}) and predicted ({predicted.dtype}) labels mix numbers and "
+            "strings: convert both to one kind"
+        )
     f1 = []
     for c in np.union1d(true, predicted):
         tp = np.sum((predicted == c) & (true == c))
@@ -346,17 +359,17 @@ def graph_connectivity(
 
     ``G`` is the symmetric kNN graph of all cells (:func:`knn_graph`), ``G_c`` its subgraph
     on the ``n_c`` cells of type ``c`` and ``|LCC(G_c)|`` the size of its largest connected
-    component; 1 = every cell type forms one connected piece. Cells labelled NaN are left
-    out (as scIB iterates over the categories only).
+    component; 1 = every cell type forms one connected piece. Cells labelled NaN or None are
+    left out (as scIB iterates over the categories only).
     """
     labels = np.asarray(labels)
     _check_length("labels", labels, len(z), "z")
     graph = knn_graph(z, k=k, chunk=chunk)
     fractions = []
-    for c in np.unique(labels):
+    # missing ones out before np.unique: it cannot sort None or NaN among strings (missing
+    # labels of a categorical), and it keeps a float NaN, which selects no cell (NaN != NaN)
+    for c in np.unique(labels[~pd.isna(labels)]):
         sel = np.flatnonzero(labels == c)
-        if sel.size == 0:  # NaN: np.unique keeps it, but NaN != NaN selects no cell
-            continue
         _, comp = connected_components(graph[sel][:, sel], directed=False)
         fractions.append(np.bincount(comp).max() / sel.size)
     return float(np.mean(fractions))
@@ -372,11 +385,13 @@ def feature_correlations(
 
     ``pearson``: ``r_f = sum_i (u_if - mean u_f)(v_if - mean v_f) / (n sd(u_f) sd(v_f))``;
     ``spearman``: the same on within-feature ranks (ties averaged). NaN for a feature that
-    is constant in either matrix.
+    is constant in either matrix or holds a non-finite value in either.
     """
     u, v = np.asarray(imputed, dtype=np.float64), np.asarray(measured, dtype=np.float64)
     if u.shape != v.shape:
         raise ValueError(f"imputed {u.shape} and measured {v.shape} differ in shape")
+    # before ranking: ranks turn an inf into the largest value, and spearman would be finite
+    nonfinite = ~(np.isfinite(u).all(0) & np.isfinite(v).all(0))
     if method == "spearman":
         u, v = rankdata(u, axis=0), rankdata(v, axis=0)
     elif method != "pearson":
@@ -384,14 +399,21 @@ def feature_correlations(
     # constant from the values themselves: a rounded mean (0.1 repeated) leaves residues ~1e-17
     # after centring that would give a spurious finite r
     constant = (u == u[:1]).all(0) | (v == v[:1]).all(0)
-    u, v = u - u.mean(0), v - v.mean(0)
-    denom = np.sqrt((u**2).sum(0) * (v**2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(constant | ~(denom > 0), np.nan, (u * v).sum(0) / denom)
+    with np.errstate(invalid="ignore", divide="ignore"):  # inf - inf: masked as nonfinite
+        u, v = u - u.mean(0), v - v.mean(0)
+        denom = np.sqrt((u**2).sum(0) * (v**2).sum(0))
+        return np.where(constant | nonfinite | ~(denom > 0), np.nan, (u * v).sum(0) / denom)
 
 
 def imputation_scores(imputed: np.ndarray, measured: np.ndarray) -> dict[str, float]:
-    """Mean over features (NaNs skipped) of :func:`feature_correlations`, both methods."""
+    """Mean over features of :func:`feature_correlations`, both methods.
+
+    Constant features (NaN correlation) are skipped; NaN when any value is not finite.
+    """
+    # nanmean would skip a feature that is NaN for a non-finite value as if it were constant,
+    # and score a partly diverged imputation on its other features
+    if not (np.isfinite(imputed).all() and np.isfinite(measured).all()):
+        return {"pearson": float("nan"), "spearman": float("nan")}
     return {
         m: float(np.nanmean(feature_correlations(imputed, measured, m)))
         for m in ("pearson", "spearman")
