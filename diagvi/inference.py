@@ -118,8 +118,9 @@ def knn_imputed_values(
     total count first and the mean is scaled to the cell's ``library``:
     ``hat x_i = library_i / k * sum_{j in N_k(i)} x_j / sum(x_j)``; without, the values are
     averaged as they are. ``candidates``: the target rows allowed as neighbours (default all).
-    Neighbour rows are read ``batch_size`` source cells at a time, so backed target data stay
-    on disk.
+    ``batch_size`` source cells at a time, their neighbour rows read at most ``batch_size`` at
+    a time (a block's neighbours are up to ``batch_size * k`` distinct cells), so backed target
+    data stay on disk and memory stays near the result's block.
     """
     if candidates is None:
         neighbours = knn(z_source, z_target, k=k)
@@ -129,16 +130,19 @@ def knn_imputed_values(
     writer = row_writer(out, len(z_source))
     for idx in _minibatches(len(z_source), batch_size):
         rows, inverse = np.unique(neighbours[idx], return_inverse=True)
-        x = target.rows(rows)["x"].numpy().astype(np.float64)
-        if library is not None:
-            x /= np.maximum(x.sum(1, keepdims=True), 1e-12)
         # the mean as a product with weights 1/k: gathering each cell's neighbour rows first
-        # would hold k times the result's block (cells x k x features)
+        # would hold k times the result's block (cells x k x features); so would reading all
+        # of the block's distinct neighbours at once, hence pieces of batch_size rows
         cells = np.repeat(np.arange(len(idx)), k)
-        weights = sp.csr_matrix(
+        weights = sp.csc_matrix(
             (np.full(cells.size, 1.0 / k), (cells, inverse.ravel())), shape=(len(idx), len(rows))
         )
-        mean = np.asarray(weights @ x)
+        mean = np.zeros((len(idx), target.n_vars))
+        for piece in _minibatches(len(rows), batch_size):
+            x = target.rows(rows[piece])["x"].numpy().astype(np.float64)
+            if library is not None:
+                x /= np.maximum(x.sum(1, keepdims=True), 1e-12)
+            mean += weights[:, piece[0] : piece[-1] + 1] @ x
         writer.write((mean if library is None else mean * library[idx, None]).astype(np.float32))
     return writer.result()
 
