@@ -63,12 +63,13 @@ def check_features(name: str, expected: list[str], given: pd.Index) -> None:
     )
 
 
-def atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    """Write via a temporary file in the same folder, then ``os.replace``.
+def temporary_file(target: Path) -> str:
+    """A new empty file next to ``target``, to be written and then moved onto it (``os.replace``).
 
-    The file gets the permissions a plain write would give it: those of the file it replaces,
-    else ``0o666`` less the umask (not ``tempfile.mkstemp``'s owner-only ``0o600``, which would
-    hide saved models and checkpoints from the user's group).
+    The file gets the permissions a plain write would give ``target``: those of the file it
+    replaces, else ``0o666`` less the umask (not ``tempfile.mkstemp``'s owner-only ``0o600``,
+    which would hide saved models and checkpoints from the user's group). Its name keeps
+    ``target``'s suffix, for writers that append one to other names (``np.save``).
     """
     try:
         mode = stat.S_IMODE(os.stat(target).st_mode)
@@ -84,6 +85,17 @@ def atomic_write(target: Path, write: Callable[[str], object]) -> None:
     try:
         if mode is not None:
             os.chmod(tmp, mode)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(target: Path, write: Callable[[str], object]) -> None:
+    """Write via a temporary file in the same folder (:func:`temporary_file`), then
+    ``os.replace``; the temporary file is removed when ``write`` fails."""
+    tmp = temporary_file(target)
+    try:
         write(tmp)
         os.replace(tmp, target)
     finally:

@@ -16,6 +16,7 @@ until a minibatch is made dense.
 from __future__ import annotations
 
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from diagvi.errors import DataError
+from diagvi.io import temporary_file
 
 #: Rows per chunk: the unit of reading and of the chunk-level shuffle.
 CHUNK_ROWS = 2048
@@ -42,7 +44,7 @@ class BackedMatrix:
     Parameters
     ----------
     path
-        The ``.h5ad`` file.
+        The ``.h5ad`` file (a relative path is taken from the current directory, now).
     key
         The matrix inside it: ``"X"`` or ``"layers/<name>"``.
     rows
@@ -75,7 +77,9 @@ class BackedMatrix:
             raise ValueError(
                 f"chunk_rows and buffer_chunks must be >= 1, got {chunk_rows}, {buffer_chunks}"
             )
-        self.path, self.key = str(path), key
+        # absolute: the file is reopened lazily (a view, a worker, after close()), perhaps
+        # after the working directory has changed
+        self.path, self.key = os.path.abspath(path), key
         with h5py.File(self.path, "r") as f:
             if key not in f:
                 raise DataError(f"{self.path}: no element {key!r} in the file")
@@ -84,6 +88,8 @@ class BackedMatrix:
                 self.is_sparse, shape, self.dtype = False, element.shape, element.dtype
             else:
                 encoding = element.attrs.get("encoding-type", "")
+                if isinstance(encoding, bytes):  # a fixed-length string (Julia's HDF5.jl, ...),
+                    encoding = encoding.decode()  # which anndata reads as the same encoding
                 if encoding != "csr_matrix":
                     raise DataError(
                         f"{self.path}: {key} is stored as {encoding or 'an unknown element'}; "
@@ -295,18 +301,28 @@ class NpyWriter:
     resident memory. The header (shape, dtype) is written with the first block, whose trailing
     shape and dtype the result takes. :meth:`result` opens the finished file as a read-only
     memmap.
+
+    The rows go to a temporary file next to ``path``, moved onto it by :meth:`result` once all
+    ``n_rows`` are written: a run that fails midway leaves no truncated ``.npy`` behind (the
+    temporary file is removed when the writer is discarded), and a file already at ``path``,
+    perhaps still open as an earlier result's memmap, is replaced, not rewritten in place (its
+    memmap would change under the user, or fault once the file is truncated).
     """
 
     def __init__(self, path: str | Path, n_rows: int) -> None:
         self.path, self.n_rows, self._rows = Path(path), int(n_rows), 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = None
+        self._cleanup: weakref.finalize | None = None
+        self._done = False
 
     def write(self, block: np.ndarray) -> None:
         """Append the next rows."""
         block = np.ascontiguousarray(block)
         if self._file is None:
-            self._file = self.path.open("wb")
+            tmp = temporary_file(self.path)
+            self._file = open(tmp, "wb")  # closed by result(), or by the finaliser on failure
+            self._cleanup = weakref.finalize(self, _discard, self._file, tmp)
             header = {
                 "descr": np.lib.format.dtype_to_descr(block.dtype),
                 "fortran_order": False,
@@ -317,12 +333,24 @@ class NpyWriter:
         self._rows += len(block)
 
     def result(self) -> np.ndarray:
-        """Close the file and open it read-only (a memmap: pages load when used)."""
-        if self._file is not None:
+        """Close the file, move it into place and open it read-only (a memmap: pages load when
+        used)."""
+        if not self._done:
+            if self._file is None or self._rows != self.n_rows:
+                if self._cleanup is not None:
+                    self._cleanup()  # no partial result left behind
+                raise RuntimeError(f"{self.path}: wrote {self._rows} rows of {self.n_rows}")
             self._file.close()
-        if self._rows != self.n_rows or self._file is None:
-            raise RuntimeError(f"{self.path}: wrote {self._rows} rows of {self.n_rows}")
+            os.replace(self._file.name, self.path)
+            self._cleanup.detach()
+            self._done = True
         return np.load(self.path, mmap_mode="r")
+
+
+def _discard(file, path: str) -> None:
+    """Close and remove an unfinished :class:`NpyWriter` file."""
+    file.close()
+    Path(path).unlink(missing_ok=True)
 
 
 class ArrayWriter:
