@@ -10,6 +10,8 @@ gradients, faster on a CPU) or, with ``solver="geomloss"``, by GeomLoss' ``Sampl
 
 from __future__ import annotations
 
+import math
+
 import torch
 from geomloss import SamplesLoss
 from torch import nn
@@ -24,11 +26,15 @@ SOLVERS = ("dense", "geomloss")
 def mean_cost(x: torch.Tensor, y: torch.Tensor, p: int = 2) -> torch.Tensor:
     """Mean of the ground cost (:func:`~diagvi.components.sinkhorn.ground_cost`); for ``p = 2``
     in closed form, without the ``N x M`` matrix:
-    ``mean_ij |x_i - y_j|^2 / 2 = (mean|x|^2 + mean|y|^2 - 2 mean(x).mean(y)) / 2``."""
+    ``mean_ij |x_i - y_j|^2 / 2 = (var(x) + var(y) + |mean(x) - mean(y)|^2) / 2`` with
+    ``var(x) = mean_i |x_i - mean(x)|^2``. Each term is non-negative: the expansion
+    ``mean|x|^2 + mean|y|^2 - 2 mean(x).mean(y)`` loses the cost to float32 rounding once the
+    clouds sit far from the origin compared with their spread."""
     if p != 2:
         return ground_cost(x, y, p).mean()
-    cross = x.mean(0) @ y.mean(0)
-    return ((x.square().sum(1).mean() + y.square().sum(1).mean() - 2.0 * cross) / 2).clamp_min(0)
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    spread = (x - x_mean).square().sum(1).mean() + (y - y_mean).square().sum(1).mean()
+    return (spread + (x_mean - y_mean).square().sum()) / 2
 
 
 def adaptive_blur(
@@ -53,9 +59,29 @@ def adaptive_blur(
             stat = mean_cost(x.detach(), y.detach(), p)  # closed form for p = 2: no N x M matrix
         else:
             cost = ground_cost(x.detach(), y.detach(), p) if cost is None else cost.detach()
-            stat = cost.mean() if rule == "mean" else cost.std()
+            # the spread of a single cost (one cell in each modality) is 0, not torch's NaN
+            spread = cost.std() if cost.numel() > 1 else cost.new_zeros(())
+            stat = cost.mean() if rule == "mean" else spread
         epsilon = (scale * stat).clamp_min(1e-8)
     return float(epsilon) ** (1.0 / p)
+
+
+def _centred(
+    x: torch.Tensor, y: torch.Tensor, detach: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``y`` less the midpoint of their means.
+
+    The costs depend on differences only, so the value is unchanged; the solvers' expansion
+    ``|x|^2 / 2 + |y|^2 / 2 - x.y`` then keeps its float32 accuracy when the clouds sit far
+    from the origin compared with their spread (a collapsing latent). With ``detach`` the
+    centre is a constant and the gradients are unchanged too. Differentiated
+    (``detach=False``), the gradients sum to zero over all points, as those of any function
+    of the differences; the mean-cost scale needs it, since its gradient otherwise depends on
+    where the origin is.
+    """
+    centre = (x.mean(0) + y.mean(0)) / 2
+    centre = centre.detach() if detach else centre
+    return x - centre, y - centre
 
 
 @ALIGNMENTS.register("uot")
@@ -143,6 +169,7 @@ class UnbalancedSinkhorn(nn.Module):
         ``(x, y, fx, fy)``: the cost is that of the concatenations ``[x, fx]`` and ``[y, fy]``.
         """
         root = 1.0 / self.p
+        fx, fy = _centred(fx, fy)
         latent_cost = mean_cost(x, y, self.p).clamp_min(1e-12)
         if self.scale_cost == "mean":
             x, y = x / latent_cost**root, y / latent_cost**root
@@ -164,7 +191,8 @@ class UnbalancedSinkhorn(nn.Module):
     def forward(
         self, z: dict[str, torch.Tensor], features: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        x, y = z.values()
+        # the costs depend on differences: centred clouds keep their float32 accuracy
+        x, y = _centred(*z.values(), detach=self.scale_cost is None)
         cost = fixed = whole = None
         if self.feature_weight > 0 and features:
             x, y, fx, fy = self._with_features(x, y, *(features[k] for k in z))
@@ -184,6 +212,10 @@ class UnbalancedSinkhorn(nn.Module):
         reach = None if self.reach_scale is None else self.reach_scale * blur
         if self.training:
             self.step += 1
+        if not (math.isfinite(blur) and bool(torch.isfinite(x.sum() + y.sum()))):
+            # a NaN or infinite latent: a NaN term that the training loop names or skips
+            # (the epsilon-scaling schedule cannot be built from it)
+            return (x.sum() + y.sum()) * math.nan
         # epsilon-scaling starts from the largest distance between the two clouds, not GeomLoss'
         # default (the bounding box's diagonal, several times larger in tens of dimensions)
         if self.solver == "dense":
