@@ -266,8 +266,9 @@ class DiagVAE(nn.Module):
 class CrossMoments(NamedTuple):
     """Moments of a latent ``z`` (cells x latent) and data ``x`` (cells x features) over cells.
 
-    ``cross = zc^T x`` and ``gram = zc^T zc`` with ``zc`` the centred ``z``; ``measured`` the
-    sum of squared deviations of each column of ``x`` (data: no gradient).
+    ``cross = zc^T xc`` and ``gram = zc^T zc`` with ``zc`` and ``xc`` the centred ``z`` and
+    ``x``; ``measured`` the sum of squared deviations of each column of ``x`` (data: no
+    gradient).
     """
 
     cross: torch.Tensor
@@ -291,12 +292,19 @@ class CrossMoments(NamedTuple):
 
 
 def cross_moments(z: torch.Tensor, x: torch.Tensor) -> CrossMoments:
-    """The :class:`CrossMoments` of ``z`` and ``x``, without any ``cells x edges`` matrix."""
+    """The :class:`CrossMoments` of ``z`` and ``x``, without any ``cells x edges`` matrix.
+
+    ``x`` is centred too, although ``zc^T x = zc^T xc`` exactly: in float32 the shortcuts
+    ``sum x^2 - n mean^2`` and ``zc^T x`` keep a rounding error of the order of ``mean^2`` and
+    ``mean``, which for a feature (nearly) constant in the minibatch, such as a z-scored gene
+    that no cell of it detects, was its whole variance: correlations of thousands.
+    """
     zc = z - z.mean(0)
-    x = x.to(zc.dtype)
     with torch.no_grad():
-        measured = x.square().sum(0) - len(x) * x.mean(0).square()
-    return CrossMoments(zc.T @ x, zc.T @ zc, measured)
+        xc = x.to(zc.dtype)
+        xc = xc - xc.mean(0)
+        measured = xc.square().sum(0)
+    return CrossMoments(zc.T @ xc, zc.T @ zc, measured)
 
 
 def edge_correlations(
@@ -305,8 +313,8 @@ def edge_correlations(
     """Correlation over cells between ``z @ v_edges[e]`` and ``x[:, index[e]]``, per edge ``e``.
 
     From moments (:func:`cross_moments`), without forming the ``cells x edges`` matrices: with
-    ``zc`` the centred ``z``, the covariance is ``v_e . (zc^T x)[:, index_e]``, the predicted
-    variance ``v_e^T (zc^T zc) v_e`` and the measured one the column's ``sum x^2 - n mean^2``.
+    ``zc``, ``xc`` the centred ``z``, ``x``, the covariance is ``v_e . (zc^T xc)[:, index_e]``,
+    the predicted variance ``v_e^T (zc^T zc) v_e`` and the measured one the column's ``sum xc^2``.
     ``x`` is data (no gradient). ``index=None``: edge ``e`` is column ``e`` (no gather).
     """
     return cross_moments(z, x).correlations(v_edges, index)

@@ -70,8 +70,8 @@ class GCNGraphEncoder(nn.Module):
     """One weighted, signed GCN layer over learnable node features, then a Gaussian head.
 
     ``q(v) = N(loc(h), softplus(scale(h)))`` with ``h = GCN(E)``; the guidance-graph loss is the
-    per-edge ELBO: :func:`graph_loss` plus ``KL(q(v) || N(0, I))`` summed over nodes and divided
-    by the number of edges.
+    per-edge ELBO: :func:`graph_loss` plus ``KL(q(v) || N(0, I))`` summed over nodes and divided,
+    as :func:`graph_loss` is, by the summed edge weight (the number of edges when all are 1).
 
     Parameters
     ----------
