@@ -120,7 +120,7 @@ def _large_theta_exact(
     if ratio.dtype != torch.float32 or ratio.device.type != "cpu" or ratio.numel() == 0:
         return ratio
     largest = theta.detach().amax() if theta_max is None else theta_max
-    if not bool(largest > _LARGE_THETA):
+    if bool(largest <= _LARGE_THETA):  # not ``not >``: a NaN theta makes the maximum NaN
         return ratio
     ratio = ratio.contiguous()  # written through a flat view
     x, theta = x.detach().expand(ratio.shape), theta.detach().expand(ratio.shape)
@@ -391,9 +391,11 @@ class CompositionNegativeBinomial(NegativeBinomial):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         # the fused path takes theta with one row per feature or per cell, every feature
-        # (a cells x 1 or 1 x 1 theta broadcasts: the generic formula)
+        # (a cells x 1 or 1 x 1 theta broadcasts: the generic formula), and computes in
+        # eta's dtype (float64 counts with a float32 eta: the generic formula, which promotes)
         shapes_fit = (
-            self.eta.dim() == 2
+            torch.promote_types(value.dtype, self.eta.dtype) == self.eta.dtype
+            and self.eta.dim() == 2
             and self._theta.dim() == 2
             and value.shape == self.eta.shape
             and self._theta.shape[-1] == self.eta.shape[-1]
@@ -580,7 +582,9 @@ class _ZeroInflated(Distribution):
             # infinite there), so the discarded branch has finite gradients.
             safe = torch.where(is_zero, torch.ones_like(value), value)
             base_lp = self.base.log_prob(safe)
-            zero_lp = log_pi
+            # log p(0) is free of the base, but a NaN base parameter must give a NaN term, as
+            # it gives NaN gradients through the discarded branch (not a finite loss)
+            zero_lp = torch.where(torch.isnan(base_lp), base_lp, log_pi)
         return torch.where(is_zero, zero_lp, log_not_pi + base_lp)
 
 
