@@ -8,7 +8,8 @@ does not stop the study.
 
 The search space is written as Hydra sweep expressions (``params`` in the sweeper config, or on
 the command line): ``interval(a, b)`` is a float range (``tag(log, ...)``: log-uniform,
-``tag(int, ...)``: integers), ``range(a, b[, step])`` integers (``b`` excluded),
+``tag(int, ...)``: integers), ``range(a, b[, step])`` integers (``b`` excluded; ``tag(log, ...)``
+with step 1: log-uniform),
 ``choice(x, y, ...)`` a categorical. Plain values are fixed for every trial.
 
 Optuna is imported lazily: Hydra imports this module for every application it starts.
@@ -45,21 +46,31 @@ def distribution(key: str, sweep: Any) -> Any:
 
     if isinstance(sweep, ChoiceSweep):
         return od.CategoricalDistribution(list(sweep.list))
+    if not isinstance(sweep, RangeSweep | IntervalSweep):
+        raise ValueError(f"{key}: unsupported sweep {sweep!r}; use interval(), range() or choice()")
+    unknown = set(sweep.tags) - {"log", "int"}
+    if unknown:
+        raise ValueError(f"{key}: unknown tags {sorted(unknown)} (known: log, int)")
+    log_scale = "log" in sweep.tags
     if isinstance(sweep, RangeSweep):
         values = [sweep.start, sweep.stop, sweep.step]
         if not all(isinstance(v, int) for v in values):
             raise ValueError(f"{key}: range() needs integers, got {values}; use interval()")
-        # Hydra's range excludes its stop, Optuna's IntDistribution includes its high
-        return od.IntDistribution(sweep.start, sweep.stop - sweep.step, step=sweep.step)
-    if isinstance(sweep, IntervalSweep):
-        unknown = set(sweep.tags) - {"log", "int"}
-        if unknown:
-            raise ValueError(f"{key}: unknown tags {sorted(unknown)} (known: log, int)")
-        log_scale = "log" in sweep.tags
-        if "int" in sweep.tags:
-            return od.IntDistribution(int(sweep.start), int(sweep.end), log=log_scale)
-        return od.FloatDistribution(sweep.start, sweep.end, log=log_scale)
-    raise ValueError(f"{key}: unsupported sweep {sweep!r}; use interval(), range() or choice()")
+        # Hydra's range excludes its stop, Optuna's IntDistribution includes its high: the
+        # range's last value, not stop - step (range(0, 10, 4) ends at 8, not 6)
+        points = range(sweep.start, sweep.stop, sweep.step)
+        if not points:
+            raise ValueError(f"{key}: range({', '.join(map(str, values))}) is empty")
+        if log_scale and abs(sweep.step) != 1:
+            raise ValueError(f"{key}: a log-scaled range() needs step 1, got {sweep.step}")
+        return od.IntDistribution(min(points), max(points), log=log_scale, step=abs(sweep.step))
+    if "int" in sweep.tags:
+        # the integers inside [start, end]: int() would round 1.5 down, out of the interval
+        low, high = math.ceil(sweep.start), math.floor(sweep.end)
+        if low > high:
+            raise ValueError(f"{key}: no integer in interval({sweep.start}, {sweep.end})")
+        return od.IntDistribution(low, high, log=log_scale)
+    return od.FloatDistribution(sweep.start, sweep.end, log=log_scale)
 
 
 def search_space(
@@ -124,6 +135,21 @@ def sqlite_absolute(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def grid_points_left(sampler: Any, study: Any) -> int:
+    """Points of ``sampler``'s grid that no trial of ``study`` has started, as GridSampler counts
+    them (by grid id, for trials of the same grid); Optuna has no public accessor."""
+    try:
+        started = {
+            t.system_attrs["grid_id"]
+            for t in study.get_trials(deepcopy=False)
+            if "grid_id" in t.system_attrs
+            and sampler._same_search_space(t.system_attrs["search_space"])
+        }
+        return len(sampler._all_grids) - len(started)
+    except AttributeError:  # an Optuna whose private names differ: no cap, as before
+        return 2**31
+
+
 class DiagviOptunaSweeper(Sweeper):
     """Runs ``n_trials`` trials of an Optuna study, ``n_jobs`` at a time, through Hydra's launcher.
 
@@ -184,16 +210,17 @@ class DiagviOptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
-    def _sampler(self, space: Mapping[str, Any]) -> Any:
+    def _sampler(self, space: Mapping[str, Any], **kwargs: Any) -> Any:
         if not self.sampler_cfg:
             return None
         if self.sampler_cfg.get("_target_") != GRID_SAMPLER:
-            return instantiate(self.sampler_cfg)
+            return instantiate(self.sampler_cfg, **kwargs)
         grid = {k: getattr(d, "choices", None) for k, d in space.items()}
         if any(v is None for v in grid.values()):
             bad = [k for k, v in grid.items() if v is None]
             raise ValueError(f"GridSampler needs choice() for every parameter, not for {bad}")
-        return instantiate(self.sampler_cfg, search_space={k: list(v) for k, v in grid.items()})
+        search = {k: list(v) for k, v in grid.items()}
+        return instantiate(self.sampler_cfg, search_space=search, **kwargs)
 
     def _study(self, space: Mapping[str, Any]) -> Any:
         import optuna
@@ -218,10 +245,23 @@ class DiagviOptunaSweeper(Sweeper):
                     raise
                 time.sleep(1.0 + attempt)
         seed = self.sampler_cfg.get("seed") if self.sampler_cfg else None
-        if study.trials and seed is not None and self.sampler_cfg.get("_target_") != GRID_SAMPLER:
+        if self.sampler_cfg and self.sampler_cfg.get("_target_") == GRID_SAMPLER:
+            # GridSampler shuffles the grid by its seed and marks a point visited by its place in
+            # that order: every process of the study (workers with their own seeds, a rerun with
+            # another) must shuffle alike, or it visits others' points again and skips the rest
+            if study.user_attrs.get("grid_seed") is None:
+                study.set_user_attr("grid_seed", int(seed or 0))
+            first = study.user_attrs["grid_seed"]  # read back: a worker may have set it first
+            if first != int(seed or 0):
+                study.sampler = self._sampler(space, seed=first)
+        elif study.trials and seed is not None:
             # a resumed study: a sampler seeded as in the first run would draw that run's
-            # start-up trials again; the seed moves on with the trials already run
-            study.sampler = instantiate(self.sampler_cfg, seed=int(seed) + len(study.trials))
+            # start-up trials again; the seed moves on with the trials already run, mixed into
+            # the worker's seed (seed + n is the seed worker seed + 1 gets after n - 1 trials)
+            import numpy as np
+
+            moved = np.random.SeedSequence([int(seed), len(study.trials)]).generate_state(1)[0]
+            study.sampler = instantiate(self.sampler_cfg, seed=int(moved))
         if study.direction.name.lower() != self.direction:
             raise ValueError(
                 f"study {self.study_name!r} in {self.storage} was created to "
@@ -249,10 +289,14 @@ class DiagviOptunaSweeper(Sweeper):
         another (``model/alignment=sinkhorn``); the command line's own keys are kept."""
         given = {o.get_key_element() for o in OverridesParser.create().parse_overrides(arguments)}
         absent = object()
+        # a config group ("model/alignment: choice(sinkhorn, uot)") is no key of the config
+        groups = OmegaConf.select(self.config, "hydra.runtime.choices", default=None) or {}
         kept = {
             k: v
             for k, v in params.items()
-            if k in given or OmegaConf.select(self.config, k, default=absent) is not absent
+            if k in given
+            or k in groups
+            or OmegaConf.select(self.config, k, default=absent) is not absent
         }
         if dropped := sorted(set(params) - set(kept)):
             log.warning(f"not searched, the config has no such keys: {', '.join(dropped)}")
@@ -331,6 +375,9 @@ class DiagviOptunaSweeper(Sweeper):
                 log.info("the grid is exhausted")
                 break
             n = min(self.n_jobs, self.n_trials - len(states))
+            if isinstance(study.sampler, GridSampler):
+                # a batch larger than the points left would run some of them twice
+                n = min(n, max(1, grid_points_left(study.sampler, study)))
             trials = [study.ask(dict(space)) for _ in range(n)]
             batch = [self._trial_overrides(t, fixed) for t in trials]
             for t, overrides in zip(trials, batch, strict=True):
