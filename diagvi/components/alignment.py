@@ -212,7 +212,11 @@ class UnbalancedSinkhorn(nn.Module):
         reach = None if self.reach_scale is None else self.reach_scale * blur
         if self.training:
             self.step += 1
-        if not (math.isfinite(blur) and bool(torch.isfinite(x.sum() + y.sum()))):
+        # an adaptive blur, a function of the clouds, is already NaN or infinite for them
+        finite = math.isfinite(blur) and (
+            self.blur_mode == "adaptive" or bool(torch.isfinite(x.sum() + y.sum()))
+        )
+        if not finite:
             # a NaN or infinite latent: a NaN term that the training loop names or skips
             # (the epsilon-scaling schedule cannot be built from it)
             return (x.sum() + y.sum()) * math.nan
