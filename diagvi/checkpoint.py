@@ -61,10 +61,14 @@ def resolve_ckpt_path(value: str | Path | None, run_dir: Path) -> str | None:
 
     ``None``: none. ``last``: ``<run_dir>/checkpoints/last.ckpt``. A directory: that run
     directory's ``checkpoints/last.ckpt``. Else a checkpoint file. Raises ``FileNotFoundError``
-    naming the path looked for when it does not exist.
+    naming the path looked for when it does not exist, ``ValueError`` for an empty string.
     """
     if value is None:
         return None
+    if not str(value).strip():
+        # Path("") is the working directory: `ckpt_path=` would resume whatever run's
+        # checkpoints/ happen to lie there
+        raise ValueError("ckpt_path is empty; omit it (null) to start afresh, or name a file")
     if str(value) == "last":
         path = run_dir / LAST_CHECKPOINT
         hint = "ckpt_path=last looks in this run's directory (set hydra.run.dir to the old run)"

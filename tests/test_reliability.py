@@ -151,6 +151,17 @@ def test_ckpt_path_resolution(tmp_path):
     assert resolve_ckpt_path(str(last), tmp_path) == str(last)
 
 
+def test_empty_ckpt_path_is_refused(tmp_path, monkeypatch):
+    """``ckpt_path=`` (an empty string) is not the working directory's last checkpoint."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)  # a checkpoint an empty path would have resumed
+    for value in ("", " "):
+        with pytest.raises(ValueError, match="ckpt_path is empty"):
+            resolve_ckpt_path(value, tmp_path / "run")
+
+
 def test_atomic_checkpoint_io_round_trip_and_bad_files(tmp_path):
     io = AtomicCheckpointIO()
     path = tmp_path / "sub" / "a.ckpt"
