@@ -171,8 +171,9 @@ def write_synthetic_pair(
     ``rna.h5ad`` holds RNA counts as CSR float32, ``protein.h5ad`` protein counts as a dense
     float32 array, both with ``obs["cell_type"]`` labels and the same ``obs_names`` in the same
     order (the known pairing); ``mapping.csv`` links protein ``k`` to gene ``k`` (columns
-    ``protein, rna``). Cells are generated and written ``chunk_size`` at a time, so memory
-    stays bounded (about ``chunk_size * n_genes * 40`` bytes) whatever ``n_cells``. Each file
+    ``protein, rna``). Cells are generated and written ``chunk_size`` at a time, so the
+    matrices take about ``chunk_size * n_genes * 40`` bytes whatever ``n_cells``; the cell
+    names and labels are held whole (about 100 MB per million cells). Each file
     is written under a temporary name and renamed when complete. The same arguments give the
     same files.
 
