@@ -212,6 +212,7 @@ class DiagVILightning(L.LightningModule):
         """Count the step (``nonfinite="skip"``) or raise a ``FloatingPointError``."""
         if self.nonfinite == "skip":
             self.skipped_steps += 1
+            self._reset_nonfinite_statistics()
             return
         callback = self.trainer.checkpoint_callback if self._trainer is not None else None
         dirpath = getattr(callback, "dirpath", None)
@@ -227,6 +228,19 @@ class DiagVILightning(L.LightningModule):
             f"epoch {self.current_epoch}; training stopped and {kept}. Try a smaller model.lr, "
             "trainer.gradient_clip_val, or model.nonfinite=skip to skip such steps"
         )
+
+    def _reset_nonfinite_statistics(self) -> None:
+        """Restart the running statistics a skipped step's forward made non-finite.
+
+        The forward runs before the step is found bad: a NaN latent has by then entered the
+        classifier's batch-norm statistics, which evaluation would use from then on. They
+        start again (the classifier corrects a young average for its start).
+        """
+        for m in self.module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                stats = torch.stack([m.running_mean.sum(), m.running_var.sum()])
+                if not bool(torch.isfinite(stats).all()):
+                    m.reset_running_stats()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         loss = self._step(batch, "train")

@@ -84,6 +84,35 @@ def test_nonfinite_loss_skip_counts_and_skips_updates(tmp_path):
     assert torch.equal(frozen.module.w.detach(), torch.zeros(3))
 
 
+class Normed(Toy):
+    """A Toy whose terms pass through a batch norm; its input is NaN on the calls ``bad``."""
+
+    def __init__(self, bad: set[int]) -> None:
+        super().__init__(bad)
+        self.norm = torch.nn.BatchNorm1d(3)
+
+    def loss_terms(self, batch):
+        z = batch["rna"]["x"] - self.w
+        if self.calls in self.bad:
+            z = z * float("nan")
+        self.calls += 1
+        return {"nll/rna": self.norm(z).pow(2).sum(-1).mean(), "kl/rna": self.w.pow(2).sum()}
+
+
+def test_skipped_step_leaves_no_nonfinite_running_statistics():
+    """A NaN forward reaches the batch-norm statistics before the step is skipped; they are
+    restarted, and the later steps fill them again."""
+    lit = DiagVILightning(Normed({1}), nonfinite="skip", lr=0.1)
+    batch = {"rna": {"x": torch.randn(8, 3) + 1.0}}
+    for _ in range(3):
+        lit._step(batch, "train")
+    norm = lit.module.norm
+    assert lit.skipped_steps == 1
+    assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
+    assert int(norm.num_batches_tracked) == 1  # the step after the skipped one
+    assert float(norm.running_mean.abs().sum()) > 0
+
+
 def test_only_the_logged_means_reach_lightning_and_all_are_kept(tmp_path):
     lit = fit_toy(set(), "raise", tmp_path, logged=["train/loss"])
     assert set(lit.trainer.callback_metrics) == {"train/loss"}
