@@ -108,7 +108,9 @@ class UnbalancedSinkhorn(nn.Module):
     feature_weight
         Share ``w`` of the transport cost given to the guidance graph's linked features (see
         :meth:`diagvi.module.DiagVAE.linked_features`): ``C = C_z + w / (1 - w) * mean(C_z)
-        * C_f / mean(C_f)``, the factor held constant in the gradient. The linked features
+        * C_f / mean(C_f)``, the factor held constant in the gradient (for ``p = 2``; with
+        ``p = 1`` the features are scaled alike and the cost is the distance between the
+        concatenated points, not a sum of the two costs). The linked features
         are data, not parameters: they only steer which cells are matched, and the gradient
         still moves the latent clouds. They break the symmetries (reflections, permuted
         clusters) that the latent cost alone cannot tell apart. ``0`` transports on the
