@@ -96,10 +96,15 @@ def test_knn_imputation_in_a_batch_without_cells_raises(tmp_path):
 # ----------------------------------------------------------------------------- kNN memory
 
 
-def test_knn_imputation_never_gathers_cells_x_k_x_features():
-    """Memory stays near the result's block; the values are the neighbours' mean profiles."""
+@pytest.mark.parametrize("n_target", [50, 4000])
+def test_knn_imputation_never_gathers_cells_x_k_x_features(n_target):
+    """Memory stays near the result's block; the values are the neighbours' mean profiles.
+
+    With more reference cells than ``batch_size * k`` (4,000), a block's neighbours are
+    (almost) all distinct: reading them at once held ``batch_size * k * features`` values.
+    """
     rng = np.random.default_rng(0)
-    n_source, n_target, n_features, k = 200, 50, 500, 20
+    n_source, n_features, k = 200, 500, 20
     x = rng.poisson(3.0, (n_target, n_features)).astype(np.float32)
     target = ModalityData(
         "protein",
@@ -128,6 +133,9 @@ def test_knn_imputation_never_gathers_cells_x_k_x_features():
     profiles = x / x.sum(1, keepdims=True)
     expected = 100.0 * profiles[np.argsort(dist, 1)[:, :k]].mean(1)
     np.testing.assert_allclose(imputed, expected, rtol=1e-5)
+    # the same without library (continuous values): the plain mean of the neighbours
+    plain = inference.knn_imputed_values(z_source, z_target, target, None, k=k, batch_size=7)
+    np.testing.assert_allclose(plain, x[np.argsort(dist, 1)[:, :k]].mean(1), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- argument errors

@@ -1,59 +1,15 @@
-"""Audit of inference (kNN imputation memory) and of the plots (backend, colours, gaps)."""
+"""Audit of the plots (backend, colours, gaps); kNN imputation memory: test_api_audit.py."""
 
 from __future__ import annotations
 
 import importlib
-import tracemalloc
 
 import matplotlib
 import numpy as np
 import pandas as pd
 
 import diagvi.plotting
-from diagvi import inference
-from diagvi.data import ModalityData, ModalitySetup
 from diagvi.plotting import plot_history, plot_joint_embedding
-
-# ----------------------------------------------------------------------------- kNN imputation
-
-
-def test_knn_imputation_memory_stays_bounded_with_a_large_reference():
-    """With more reference cells than ``batch_size * k``, a block's neighbours are (almost) all
-    distinct: reading them at once held ``batch_size * k * features`` float64 values."""
-    rng = np.random.default_rng(0)
-    n_source, n_target, n_features, k = 200, 4000, 500, 20
-    x = rng.poisson(3.0, (n_target, n_features)).astype(np.float32)
-    target = ModalityData(
-        "protein",
-        x,
-        np.zeros(n_target, dtype=np.int64),
-        np.full(n_target, -1, dtype=np.int64),
-        pd.Index([f"c{i}" for i in range(n_target)]),
-        pd.Index([f"p{j}" for j in range(n_features)]),
-        ["0"],
-        ModalitySetup(),
-    )
-    z_source = rng.normal(size=(n_source, 3)).astype(np.float32)
-    z_target = rng.normal(size=(n_target, 3)).astype(np.float32)
-    library = np.full(n_source, 100.0, dtype=np.float32)
-    tracemalloc.start()
-    try:
-        imputed = inference.knn_imputed_values(
-            z_source, z_target, target, library, k=k, batch_size=n_source
-        )
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    gathered = n_source * k * n_features * 8  # 15 MiB; the result is 0.4 MiB
-    assert peak < gathered / 4, f"peak {peak / 2**20:.1f} MiB"
-    dist = ((z_source[:, None] - z_target[None]) ** 2).sum(-1)
-    profiles = x / x.sum(1, keepdims=True)
-    expected = 100.0 * profiles[np.argsort(dist, 1)[:, :k]].mean(1)
-    np.testing.assert_allclose(imputed, expected, rtol=1e-5)
-    # the same without library (continuous values): the plain mean of the neighbours
-    plain = inference.knn_imputed_values(z_source, z_target, target, None, k=k, batch_size=7)
-    np.testing.assert_allclose(plain, x[np.argsort(dist, 1)[:, :k]].mean(1), rtol=1e-5)
-
 
 # ----------------------------------------------------------------------------- plots
 
