@@ -524,7 +524,9 @@ def test_fixed_blur_and_reach_are_passed_to_geomloss():
     x, y = clouds()
     y = y + 0.5
     for reach_scale in (10.0, 2.0, None):
-        align = UnbalancedSinkhorn(blur_mode="fixed", blur=0.3, reach_scale=reach_scale, **RAW_COST)
+        align = UnbalancedSinkhorn(
+            blur_mode="fixed", blur=0.3, reach_scale=reach_scale, schedule="geomloss", **RAW_COST
+        )
         assert align.current_blur(x, y) == 0.3
         assert align.current_blur(10 * x, 10 * y) == 0.3  # independent of the data
         reach = None if reach_scale is None else reach_scale * 0.3
@@ -537,7 +539,9 @@ def test_fixed_blur_and_reach_are_passed_to_geomloss():
 def test_balanced_sinkhorn_has_no_reach():
     if "sinkhorn" not in ALIGNMENTS:
         pytest.skip("no 'sinkhorn' alignment registered")
-    align = ALIGNMENTS.build("sinkhorn", reach_scale=5.0, blur_mode="fixed", blur=0.2, **RAW_COST)
+    align = ALIGNMENTS.build(
+        "sinkhorn", reach_scale=5.0, blur_mode="fixed", blur=0.2, schedule="geomloss", **RAW_COST
+    )
     assert align.reach_scale is None
     x, y = clouds()
     ref = SamplesLoss("sinkhorn", p=2, blur=0.2, scaling=0.5, diameter=max_distance(x, y))
@@ -549,7 +553,9 @@ def test_scale_cost_mean():
     """``scale_cost="mean"``: transport between x / u, y / u with u = mean(C)^(1/p)."""
     x, y = clouds()
     y = y + 0.5
-    align = UnbalancedSinkhorn(blur_mode="fixed", blur=0.3, reach_scale=10.0, scale_cost="mean")
+    align = UnbalancedSinkhorn(
+        blur_mode="fixed", blur=0.3, reach_scale=10.0, scale_cost="mean", schedule="geomloss"
+    )
     unit = hand_cost(x, y).mean().sqrt()
     diameter = max_distance(x / unit, y / unit)
     ref = SamplesLoss("sinkhorn", p=2, blur=0.3, reach=3.0, scaling=0.5, diameter=diameter)

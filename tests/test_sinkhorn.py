@@ -76,7 +76,9 @@ def test_alignment_solvers_agree(feature_weight):
     features = {"a": torch.randn(40, 3, generator=g), "b": torch.randn(40, 3, generator=g)}
     values = {}
     for solver in ("dense", "geomloss"):
-        align = UnbalancedSinkhorn(feature_weight=feature_weight, solver=solver)
+        align = UnbalancedSinkhorn(
+            feature_weight=feature_weight, solver=solver, schedule="geomloss"
+        )
         value = align({"a": x, "b": y}, features)
         values[solver] = (value, *torch.autograd.grad(value, (x, y)))
     for ours, theirs in zip(values["dense"], values["geomloss"], strict=True):
@@ -115,3 +117,50 @@ def test_calls_sharing_scratch_memory_keep_their_own_values_and_gradients():
     for value, grad, (value_alone, grad_alone) in zip(values, grads, alone, strict=True):
         assert torch.equal(value.detach(), value_alone)
         assert torch.allclose(grad, grad_alone, atol=1e-6)
+
+
+def value_and_gradients(x, y, **settings):
+    value = sinkhorn_divergence(x, y, **settings)
+    return (value.detach(), *torch.autograd.grad(value, (x, y)))
+
+
+def relative_error(got, want) -> float:
+    return max(float((g - w).norm() / w.norm()) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("reach", [None, 1.0])
+@pytest.mark.parametrize("blur", [0.05, 0.3])
+@pytest.mark.parametrize("sizes", [(60, 45), (50, 50)])
+def test_short_schedule_is_within_a_fraction_of_the_scaling_error(p, reach, blur, sizes):
+    # the debiasing problems on the last three temperatures only: the value and the
+    # gradients stay far closer to GeomLoss' schedule than that schedule is to the converged
+    # divergence (epsilon-scaling with a ratio near 1)
+    x, y = clouds(*sizes)
+    settings = {"p": p, "blur": blur, "reach": reach, "diameter": "max_cost", "scaling": 0.5}
+    geomloss = value_and_gradients(x, y, **settings, schedule="geomloss")
+    short = value_and_gradients(x, y, **settings, schedule="short")
+    converged = value_and_gradients(x, y, **{**settings, "scaling": 0.98}, schedule="geomloss")
+    assert relative_error(short, geomloss) < 1e-2
+    assert relative_error(short, geomloss) < relative_error(geomloss, converged) / 5
+
+
+def test_short_schedule_of_a_single_temperature_is_geomloss():
+    # diameter below the blur: the schedule is (diameter^p, blur^p), nothing repeated, and all
+    # four problems are solved from the start, as GeomLoss does
+    x, y = clouds(10, 12)
+    settings = {"blur": 0.5, "reach": 2.0, "diameter": 0.2}
+    short = value_and_gradients(x, y, **settings, schedule="short")
+    geomloss = value_and_gradients(x, y, **settings, schedule="geomloss")
+    for s, g in zip(short, geomloss, strict=True):
+        torch.testing.assert_close(s, g, rtol=1e-12, atol=1e-14)
+
+
+def test_unknown_schedule_is_refused():
+    from diagvi.components.alignment import UnbalancedSinkhorn
+
+    x, y = clouds(5, 5)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        sinkhorn_divergence(x, y, schedule="fast")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        UnbalancedSinkhorn(schedule="fast")

@@ -93,7 +93,8 @@ def test_fixed_coordinates_in_a_wider_dtype_promote_as_the_concatenation():
     fx, fy = fx.double(), fy.double()
     values = {}
     for solver in ("dense", "geomloss"):
-        value = UnbalancedSinkhorn(solver=solver)({"a": x, "b": y}, {"a": fx, "b": fy})
+        align = UnbalancedSinkhorn(solver=solver, schedule="geomloss")
+        value = align({"a": x, "b": y}, {"a": fx, "b": fy})
         values[solver] = (value, *torch.autograd.grad(value, (x, y)))
     for ours, theirs in zip(values["dense"], values["geomloss"], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
@@ -107,7 +108,13 @@ def test_alignment_solvers_agree_with_features(p, scale_cost, blur_mode):
     values = {}
     for solver in ("dense", "geomloss"):
         align = UnbalancedSinkhorn(
-            p=p, blur_mode=blur_mode, blur=0.2, blur_start=0.8, scale_cost=scale_cost, solver=solver
+            p=p,
+            blur_mode=blur_mode,
+            blur=0.2,
+            blur_start=0.8,
+            scale_cost=scale_cost,
+            solver=solver,
+            schedule="geomloss",
         )
         value = align({"a": x, "b": y}, {"a": fx, "b": fy})
         values[solver] = (value, *torch.autograd.grad(value, (x, y)))
