@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+import optuna
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
 
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 4}
 
@@ -99,7 +96,9 @@ def plot_history(study: optuna.Study, path: Path) -> None:
     name = metric_name(study)
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED and t.value is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # a Figure without pyplot: files only, and no backend switched for whoever imports this
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.scatter([t.number for t in done], [t.value for t in done], label="complete")
     if pruned:
         x, y = [t.number for t in pruned], [t.value for t in pruned]
@@ -115,7 +114,6 @@ def plot_history(study: optuna.Study, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_parameters(study: optuna.Study, sweep_dir: Path) -> list[Path]:
@@ -126,7 +124,8 @@ def plot_parameters(study: optuna.Study, sweep_dir: Path) -> list[Path]:
     for param in sorted({p for t in done for p in t.params}):
         trials = [t for t in done if param in t.params]
         x = [t.params[param] for t in trials]
-        fig, ax = plt.subplots(figsize=(5, 4))
+        fig = Figure(figsize=(5, 4))
+        ax = fig.subplots()
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x):
             points = ax.scatter(x, [t.value for t in trials], c=[t.number for t in trials])
             fig.colorbar(points, label="trial")
@@ -138,7 +137,6 @@ def plot_parameters(study: optuna.Study, sweep_dir: Path) -> list[Path]:
         fig.tight_layout()
         path = sweep_dir / f"objective_vs_{param.replace('/', '_')}.png"
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         written.append(path)
     return written
 

@@ -152,10 +152,32 @@ def test_sweep_runs_trials_with_wandb_runs(sweeps):
         assert "got exitcode: 0" in (offline / "logs" / "debug.log").read_text()
 
 
+def test_importing_the_report_keeps_the_users_backend():
+    # it switched matplotlib to Agg at import: figures stopped showing in a notebook that
+    # read a study with it
+    import importlib
+
+    import matplotlib
+
+    import diagvi.report
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        importlib.reload(diagvi.report)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
 def test_report_lists_trials_and_best_experiment(sweeps, tmp_path):
+    import matplotlib.pyplot as plt
+
     run = sweeps["main"]
     run.wait()
+    open_before = plt.get_fignums()
     out = write_report(run.sweep_dir)
+    assert plt.get_fignums() == open_before  # files only: no pyplot figures left open
     table = pd.read_csv(out["csv"])
     assert len(table) == 3
     assert list(table["val/foscttm"]) == sorted(table["val/foscttm"])  # best (lowest) first
