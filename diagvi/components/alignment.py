@@ -4,8 +4,9 @@ The default is the de-biased unbalanced Sinkhorn divergence of GeomLoss
 (Feydy et al. 2019; Séjourné et al. 2019) with an entropic regularisation ``epsilon`` chosen
 from each minibatch's cost matrix, as OTT-JAX does (``epsilon = scale * stat(C)``), so that the
 transport plan stays equally sharp whatever the scale of the latent space. It is computed by
-:func:`diagvi.components.sinkhorn.sinkhorn_divergence` (GeomLoss' algorithm, same values and
-gradients, faster on a CPU) or, with ``solver="geomloss"``, by GeomLoss' ``SamplesLoss``.
+:func:`diagvi.components.sinkhorn.sinkhorn_divergence` (GeomLoss' algorithm, faster on a CPU;
+with ``schedule="geomloss"`` the same values and gradients) or, with ``solver="geomloss"``, by
+GeomLoss' ``SamplesLoss``.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ class UnbalancedSinkhorn(nn.Module):
         ``None`` keeps the raw cost.
     solver
         ``"dense"``: :func:`diagvi.components.sinkhorn.sinkhorn_divergence`, GeomLoss'
-        algorithm with a fraction of its per-call overhead (same values and gradients);
+        algorithm with a fraction of its per-call overhead (the same values and gradients
+        with ``schedule="geomloss"``);
         ``"geomloss"``: GeomLoss' ``SamplesLoss`` itself (tensorized backend).
     """
 
