@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from geomloss import SamplesLoss
 
-from diagvi.components.sinkhorn import ground_cost, sinkhorn_divergence
+from diagvi.components.sinkhorn import epsilon_schedule, ground_cost, sinkhorn_divergence
 
 
 def clouds(n: int = 60, m: int = 45, d: int = 5, seed: int = 0):
@@ -145,15 +147,71 @@ def test_short_schedule_is_within_a_fraction_of_the_scaling_error(p, reach, blur
     assert relative_error(short, geomloss) < relative_error(geomloss, converged) / 5
 
 
-def test_short_schedule_of_a_single_temperature_is_geomloss():
-    # diameter below the blur: the schedule is (diameter^p, blur^p), nothing repeated, and all
-    # four problems are solved from the start, as GeomLoss does
+def test_short_schedule_of_three_temperatures_or_fewer_is_geomloss():
+    # diameter below the blur: the schedule is (diameter^p, blur^p), and the debiasing
+    # problems, on its last three temperatures, are solved from the start as GeomLoss does
     x, y = clouds(10, 12)
     settings = {"blur": 0.5, "reach": 2.0, "diameter": 0.2}
     short = value_and_gradients(x, y, **settings, schedule="short")
     geomloss = value_and_gradients(x, y, **settings, schedule="geomloss")
     for s, g in zip(short, geomloss, strict=True):
         torch.testing.assert_close(s, g, rtol=1e-12, atol=1e-14)
+
+
+def short_schedule_written_out(x, y, blur, reach, scaling, symmetric=3):
+    """The short schedule as four separate potentials and plain log-sum-exps (p = 2)."""
+    n, m = len(x), len(y)
+    a_log = torch.full((n,), -math.log(n), dtype=x.dtype)
+    b_log = torch.full((m,), -math.log(m), dtype=y.dtype)
+    rho = None if reach is None else reach**2
+
+    def softmin(eps, source, target, h):
+        damping = 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
+        cost = (source[:, None] - target[None]).square().sum(-1) / 2
+        return -eps * damping * torch.logsumexp(h[None] - cost / eps, 1)
+
+    with torch.no_grad():
+        xd, yd = x.detach(), y.detach()
+        diameter = max(float((xd[:, None] - yd[None]).square().sum(-1).max().sqrt()), blur)
+        schedule = epsilon_schedule(2, diameter, blur, scaling)
+        joins = max(len(schedule) - symmetric, 0)
+        f_ba, g_ab = softmin(schedule[0], xd, yd, b_log), softmin(schedule[0], yd, xd, a_log)
+        for i, eps in enumerate(schedule):
+            if i == joins:
+                f_aa, g_bb = softmin(eps, xd, xd, a_log), softmin(eps, yd, yd, b_log)
+            f_ba, g_ab = (
+                (f_ba + softmin(eps, xd, yd, b_log + g_ab / eps)) / 2,
+                (g_ab + softmin(eps, yd, xd, a_log + f_ba / eps)) / 2,
+            )
+            if i >= joins:
+                f_aa = (f_aa + softmin(eps, xd, xd, a_log + f_aa / eps)) / 2
+                g_bb = (g_bb + softmin(eps, yd, yd, b_log + g_bb / eps)) / 2
+    # the last extrapolation, from the converged potentials, carries the gradient
+    eps, old = schedule[-1], (f_aa, g_bb, f_ba, g_ab)
+    f_aa = softmin(eps, x, xd, a_log + old[0] / eps)
+    g_bb = softmin(eps, y, yd, b_log + old[1] / eps)
+    f_ba = softmin(eps, x, yd, b_log + old[3] / eps)
+    g_ab = softmin(eps, y, xd, a_log + old[2] / eps)
+    a, b = a_log.exp(), b_log.exp()
+    if rho is None:
+        return a @ (f_ba - f_aa) + b @ (g_ab - g_bb)
+    return (rho + eps / 2) * (
+        a @ ((-f_aa / rho).exp() - (-f_ba / rho).exp())
+        + b @ ((-g_bb / rho).exp() - (-g_ab / rho).exp())
+    )
+
+
+@pytest.mark.parametrize("reach", [None, 1.0])
+@pytest.mark.parametrize("sizes", [(30, 22), (25, 25)])
+@pytest.mark.parametrize("blur", [0.05, 0.3])
+def test_short_schedule_equals_its_written_out_form(reach, sizes, blur):
+    x, y = clouds(*sizes)
+    settings = {"blur": blur, "reach": reach, "scaling": 0.5}
+    ours = value_and_gradients(x, y, **settings, diameter="max_cost", schedule="short")
+    value = short_schedule_written_out(x, y, **settings)
+    written = (value.detach(), *torch.autograd.grad(value, (x, y)))
+    for o, w in zip(ours, written, strict=True):
+        torch.testing.assert_close(o, w, rtol=1e-10, atol=1e-12)
 
 
 def test_unknown_schedule_is_refused():

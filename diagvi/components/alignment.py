@@ -108,8 +108,8 @@ class UnbalancedSinkhorn(nn.Module):
         GeomLoss epsilon-scaling ratio (closer to 1: more accurate, slower).
     schedule
         The dense solver's epsilon-scaling: ``"short"`` (the debiasing problems on the last
-        three temperatures only: a quarter fewer passes, values and gradients within about
-        ``2e-4`` on the benchmark) or ``"geomloss"`` (GeomLoss' own, which
+        three temperatures only: 24 passes instead of 32 at seven, values and gradients
+        within about ``2e-4`` on the benchmark) or ``"geomloss"`` (GeomLoss' own, which
         ``solver="geomloss"`` always runs); see
         :func:`~diagvi.components.sinkhorn.sinkhorn_divergence`.
     feature_weight
