@@ -99,7 +99,8 @@ class LinkedView(nn.Module):
         if bool(self.fitted):
             projection = self.projection_b if side else self.projection_a
             return torch.addmm(self.offset[side], x.to(projection.dtype), projection)
-        columns = self.columns(side, x)
+        # in the buffers' dtype, as the fitted map: float64 inputs met float32 loadings
+        columns = self.columns(side, x).to(self.loadings.dtype)
         if len(columns) < 2:
             return columns.new_zeros(len(columns), self.n_components)
         columns = (columns - columns.mean(0)) / columns.std(0).clamp_min(1e-6)

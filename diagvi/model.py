@@ -137,9 +137,11 @@ class DIAGVI:
         )
         # the weights are drawn from their own stream: two models built with one seed are the
         # same model, whatever else drew from torch's global RNG before
+        # (the CPU generator only: torch.manual_seed would also restart every CUDA device's
+        # stream, which fork_rng(devices=[]) does not restore; the weights are drawn on the CPU)
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
             self._build(adatas, setups, init_args, guidance_graph, mapping_df)
 
     # ------------------------------------------------------------------ construction

@@ -82,14 +82,25 @@ def principal_axes(
     Returns ``(basis, singular)``: the right singular vectors as columns (``features x k``, or
     fewer columns when the matrix has lower rank), each signed so that its largest loading is
     positive (refits agree), and the singular values. An exact SVD for small matrices, else
-    torch's seeded randomised ``svd_lowrank`` (torch's global random state is left untouched).
+    torch's seeded randomised ``svd_lowrank`` (torch's CPU and CUDA random states are left
+    untouched).
     """
     if min(centred.shape) <= k + 10:
         _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
         basis = vh.T
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # seed and restore only the generator svd_lowrank draws from: torch.manual_seed would
+        # also reseed every CUDA device (at CUDA's start when not started yet), which fork_rng
+        # does not restore: the caller's GPU random stream would restart from this seed
+        device = centred.device
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            if device.type == "cpu":
+                torch.default_generator.manual_seed(seed)
+            elif cuda:
+                torch.cuda.default_generators[device.index].manual_seed(seed)
+            else:  # another accelerator: seeded (and left seeded) as before
+                torch.manual_seed(seed)
             _, singular, basis = torch.svd_lowrank(centred, q=k + 10, niter=4)
     basis, singular = basis[:, :k], singular[:k]
     return basis * torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True))), singular
