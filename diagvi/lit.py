@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from diagvi.module import Batch, DiagVAE
 
@@ -75,6 +76,14 @@ def weigh(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> to
 
 
 _FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps")
+# kinds of terms that average the cells of the modality named after "/"
+PER_CELL_KINDS = frozenset({"nll", "kl", "cls", "link", "self"})
+
+
+def _group(name: str) -> str:
+    """The modality whose cells term ``name`` averages, or "" (the larger modality's)."""
+    kind, _, modality = name.partition("/")
+    return modality if kind in PER_CELL_KINDS else ""
 
 
 class DiagVILightning(L.LightningModule):
@@ -125,8 +134,10 @@ class DiagVILightning(L.LightningModule):
         self.skipped_steps = 0
         self.logged = None if logged is None else frozenset(logged)
         self.epoch_means: dict[str, torch.Tensor] = {}
-        # per stage: {term names: running size-weighted sum of (terms..., loss)}, cell count
-        self._epoch_sums: dict[str, tuple[dict[tuple[str, ...], torch.Tensor], list[int]]] = {}
+        # per stage: {term names: running cell-weighted sum of the terms}, {group: cells} with
+        # group a modality or "" (the larger modality of each minibatch)
+        self._epoch_sums: dict[str, tuple[dict[tuple[str, ...], torch.Tensor], dict[str, int]]] = {}
+        self._size_vectors: dict[tuple, torch.Tensor] = {}
         self._weight_vectors: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
         self._base_seed: int | None = None
         self.save_hyperparameters(ignore=["module", "logged"])
@@ -151,8 +162,8 @@ class DiagVILightning(L.LightningModule):
             if self._any_rank(bool(bad)):
                 self._nonfinite(bad or ["train/loss (on another rank)"])
                 return None  # Lightning skips backward and the optimizer step
-        size = max(len(b["x"]) for b in batch.values())
-        self._accumulate(stage, names, torch.cat([values, loss[None]]).detach(), size)
+        cells = {m: len(b["x"]) for m, b in batch.items()}
+        self._accumulate(stage, names, values.detach(), cells)
         return loss
 
     def _weight_vector(self, names: tuple[str, ...], like: torch.Tensor) -> torch.Tensor:
@@ -171,33 +182,58 @@ class DiagVILightning(L.LightningModule):
     # millisecond per call and key (it walks all logged results each time), which on small
     # minibatches was 15% of the training time; and only the `logged` ones.
     def _accumulate(
-        self, stage: str, names: tuple[str, ...], values: torch.Tensor, size: int
+        self, stage: str, names: tuple[str, ...], values: torch.Tensor, cells: Mapping[str, int]
     ) -> None:
-        """Add ``size x values`` (the terms ``names``, then the loss) to the stage's sums."""
-        sums, count = self._epoch_sums.setdefault(stage, ({}, [0]))
-        sums[names] = values * size if names not in sums else sums[names].add_(values, alpha=size)
-        count[0] += size
+        """Add the terms ``names`` (``values``), each times the cells it averages, to the sums.
+
+        ``cells``: the minibatch's cells per modality. A term of one modality (``nll/<m>``,
+        ``kl/<m>``, ``cls/<m>``, ``link/<m>``, ``self/<m>``) weighs by that modality's cells,
+        any other by the larger modality's.
+        """
+        sums, counts = self._epoch_sums.setdefault(stage, ({}, {"": 0}))
+        groups = (("", max(cells.values(), default=0)), *cells.items())
+        key = (names, groups, values.device)
+        sizes = self._size_vectors.get(key)
+        if sizes is None:
+            if len(self._size_vectors) > 256:  # minibatch sizes vary only in odd loaders
+                self._size_vectors.clear()
+            by_group = dict(groups)
+            sizes = values.new_tensor([by_group.get(_group(n), groups[0][1]) for n in names])
+            self._size_vectors[key] = sizes
+        sums[names] = values * sizes if names not in sums else sums[names].addcmul_(values, sizes)
+        for group, n in groups:
+            counts[group] = counts.get(group, 0) + n
 
     def _log_epoch(self, stage: str) -> None:
-        """Keep and log the epoch's size-weighted mean of every term as ``<stage>/<term>``."""
-        sums, count = self._epoch_sums.pop(stage, ({}, [0]))
+        """Keep and log the epoch's mean of every term over the cells it averages as
+        ``<stage>/<term>``, and the weighted sum of these means as ``<stage>/loss``."""
+        sums, counts = self._epoch_sums.pop(stage, ({}, {"": 0}))
         if self._trainer is not None and self.trainer.sanity_checking:
             return  # a few batches of the untrained model: no epoch of the history
         totals: dict[str, torch.Tensor] = {}
         for names, vector in sums.items():  # one set of terms unless some steps lacked one
-            for name, value in zip((*names, "loss"), vector, strict=True):
+            for name, value in zip(names, vector, strict=True):
                 totals[name] = totals[name] + value if name in totals else value
-        # the sums and the cell count (last) are summed over ranks before dividing: ranks may
+        # the sums and the cell counts (last) are summed over ranks before dividing: ranks may
         # hold different numbers of cells (the epoch's short last minibatch), and a mean of
         # their means would weigh cells unequally
+        groups = list(counts)
         values = torch.stack(
-            [torch.as_tensor(v, device=self.device).float() for v in (*totals.values(), count[0])]
+            [
+                torch.as_tensor(v, device=self.device).float()
+                for v in (*totals.values(), *counts.values())
+            ]
         )
         if self._trainer is not None and self.trainer.world_size > 1:
             # every rank keeps and logs the mean over all ranks, in one all-reduce
             values = self.trainer.strategy.reduce(values, reduce_op="sum")
-        mean = values[:-1] / values[-1].clamp_min(1)
+        # a term missing from some steps counts as 0 on their cells
+        index = [groups.index(g) if (g := _group(n)) in counts else 0 for n in totals]
+        denominators = values[len(totals) :][values.new_tensor(index, dtype=torch.long)]
+        mean = values[: len(totals)] / denominators.clamp_min(1)
         means = {f"{stage}/{k}": v for k, v in zip(totals, mean, strict=True)}
+        if totals:
+            means[f"{stage}/loss"] = mean @ mean.new_tensor(term_weights(totals, self.weights))
         if stage == "train":  # the same on every rank: the ranks skip steps together
             means["train/skipped_steps"] = values.new_tensor(float(self.skipped_steps))
         if not means:
@@ -206,7 +242,10 @@ class DiagVILightning(L.LightningModule):
         if self.logged is not None:
             means = {k: v for k, v in means.items() if k in self.logged}
         if means:
-            self.log_dict(means, on_step=False, on_epoch=True)
+            # batch_size: each value is logged once per epoch, already a mean over its cells;
+            # Lightning would otherwise infer one from the current minibatch, and warn when
+            # its modalities differ in size
+            self.log_dict(means, on_step=False, on_epoch=True, batch_size=1)
 
     def _nonfinite(self, terms: list[str]) -> None:
         """Count the step (``nonfinite="skip"``) or raise a ``FloatingPointError``."""
@@ -271,8 +310,15 @@ class DiagVILightning(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # fused: one kernel per parameter tensor for the whole update (3-4x faster than
-        # foreach on CPU, where foreach falls back to a kernel per tensor per operation)
-        fused = self.device.type in _FUSED_ADAM_DEVICES
+        # foreach on CPU, where foreach falls back to a kernel per tensor per operation);
+        # not with gradient clipping under mixed precision (trainer=gpu), which Lightning
+        # refuses for optimizers that unscale gradients themselves, as fused Adam does
+        clipped_amp = (
+            self._trainer is not None
+            and bool(self.trainer.gradient_clip_val)
+            and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        )
+        fused = self.device.type in _FUSED_ADAM_DEVICES and not clipped_amp
         return torch.optim.Adam(
             self.parameters(),
             lr=self.lr,
