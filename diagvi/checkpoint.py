@@ -60,8 +60,9 @@ def resolve_ckpt_path(value: str | Path | None, run_dir: Path) -> str | None:
     """The checkpoint file a run resumes from.
 
     ``None``: none. ``last``: ``<run_dir>/checkpoints/last.ckpt``. A directory: that run
-    directory's ``checkpoints/last.ckpt``. Else a checkpoint file. Raises ``FileNotFoundError``
-    naming the path looked for when it does not exist, ``ValueError`` for an empty string.
+    directory's ``checkpoints/last.ckpt``. Else a checkpoint file (``~`` expanded). Raises
+    ``FileNotFoundError`` naming the path looked for when it does not exist, ``ValueError``
+    for an empty string.
     """
     if value is None:
         return None
@@ -69,14 +70,16 @@ def resolve_ckpt_path(value: str | Path | None, run_dir: Path) -> str | None:
         # Path("") is the working directory: `ckpt_path=` would resume whatever run's
         # checkpoints/ happen to lie there
         raise ValueError("ckpt_path is empty; omit it (null) to start afresh, or name a file")
+    # `~` in a config file or a quoted override reaches us unexpanded (only a shell expands it)
+    given = Path(value).expanduser()
     if str(value) == "last":
         path = run_dir / LAST_CHECKPOINT
         hint = "ckpt_path=last looks in this run's directory (set hydra.run.dir to the old run)"
-    elif Path(value).is_dir():
-        path = Path(value) / LAST_CHECKPOINT
+    elif given.is_dir():
+        path = given / LAST_CHECKPOINT
         hint = f"ckpt_path={value} is a directory: its run's last checkpoint is used"
     else:
-        path = Path(value)
+        path = given
         hint = "ckpt_path names a checkpoint file, a run directory, or `last`"
     if not path.is_file():
         raise FileNotFoundError(

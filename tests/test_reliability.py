@@ -180,6 +180,17 @@ def test_ckpt_path_resolution(tmp_path):
     assert resolve_ckpt_path(str(last), tmp_path) == str(last)
 
 
+def test_ckpt_path_in_the_home_directory(tmp_path, monkeypatch):
+    # `ckpt_path: ~/runs/a` in a config file reaches diagvi unexpanded: it looked for a
+    # folder named "~" in the working directory
+    last = tmp_path / "runs" / "a" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"x")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_ckpt_path("~/runs/a", tmp_path / "run") == str(last)
+    assert resolve_ckpt_path("~/runs/a/checkpoints/last.ckpt", tmp_path / "run") == str(last)
+
+
 def test_empty_ckpt_path_is_refused(tmp_path, monkeypatch):
     """``ckpt_path=`` (an empty string) is not the working directory's last checkpoint."""
     last = tmp_path / "checkpoints" / "last.ckpt"
