@@ -32,6 +32,12 @@ class Registry:
 
     def register(self, name: str) -> Callable[[type], type]:
         """Class decorator registering ``cls`` under ``name``; refuses duplicates."""
+        if not isinstance(name, str):
+            # ``@REGISTRY.register`` without ``("name")`` would replace the class by ``add``
+            raise TypeError(
+                f"{self.kind} names must be strings, got {name!r}; decorate with "
+                f'@register("name"), not @register'
+            )
 
         def add(cls: type) -> type:
             if name in self._items:

@@ -22,6 +22,24 @@ import scipy.sparse as sp
 SYNTHETIC_FILES = {"rna": "rna.h5ad", "protein": "protein.h5ad", "mapping": "mapping.csv"}
 
 
+def _check_sizes(minimum: dict[str, int], **sizes: object) -> None:
+    """Refuse non-integer sizes, sizes below ``minimum[name]`` and more proteins than genes.
+
+    Without this, a bad size fails deep in numpy or h5py with a message naming no argument,
+    or (a negative ``chunk_size``) writes an all-zero pair without complaint.
+    """
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        if value < minimum[name]:
+            raise ValueError(f"{name} must be at least {minimum[name]}, got {value}")
+    if sizes["n_proteins"] > sizes["n_genes"]:
+        raise ValueError(
+            f"n_proteins ({sizes['n_proteins']}) must not exceed n_genes ({sizes['n_genes']}): "
+            "protein k is linked to gene k"
+        )
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     rate = np.exp(logits - logits.max(1, keepdims=True))
     return rate / rate.sum(1, keepdims=True)
@@ -64,6 +82,15 @@ def make_synthetic_pair(
     -------
     ``({"rna": AnnData, "protein": AnnData}, mapping)`` with mapping columns ``protein, rna``.
     """
+    _check_sizes(
+        {"n_cells": 0, "n_genes": 1, "n_proteins": 1, "n_types": 1, "n_dims": 1, "seed": 0},
+        n_cells=n_cells,
+        n_genes=n_genes,
+        n_proteins=n_proteins,
+        n_types=n_types,
+        n_dims=n_dims,
+        seed=seed,
+    )
     rng = np.random.default_rng(seed)
     types = rng.integers(n_types, size=n_cells)
     centres = rng.normal(scale=2.0, size=(n_types, n_dims))
@@ -181,6 +208,15 @@ def write_synthetic_pair(
     -------
     ``{"rna": path, "protein": path, "mapping": path}``
     """
+    _check_sizes(
+        {"n_cells": 1, "n_genes": 1, "n_proteins": 1, "n_types": 1, "seed": 0, "chunk_size": 1},
+        n_cells=n_cells,
+        n_genes=n_genes,
+        n_proteins=n_proteins,
+        n_types=n_types,
+        seed=seed,
+        chunk_size=chunk_size,
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     design = _Design(n_genes, n_proteins, n_types, seed)
@@ -235,6 +271,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = parser.parse_args(argv)
     if args.n_proteins > args.n_genes:
         parser.error("--n-proteins must not exceed --n-genes (protein k links to gene k)")
+    for name in ("n_cells", "n_genes", "n_proteins", "n_types", "seed", "chunk_size"):
+        least = 0 if name == "seed" else 1
+        if getattr(args, name) < least:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be at least {least}, got {getattr(args, name)}")
     paths = write_synthetic_pair(
         args.out,
         args.n_cells,

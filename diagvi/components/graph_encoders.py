@@ -21,9 +21,11 @@ def signed_gcn_norm(
 
     ``a_ij = s_ij * w_ij / sqrt(d_i * d_j)`` with degree ``d_i = sum_j w_ij`` (weights are
     positive, so the degree is too; the sign only flips the message). Kipf & Welling (2017).
+    A node whose edges all have weight 0 (or that has only incoming edges) has degree 0; its
+    edges get 0, as in PyG's ``gcn_norm``, rather than ``0 * inf = nan``.
     """
     degree = scatter(weight, edge_index[0], dim=0, dim_size=n, reduce="sum")
-    inv_sqrt = degree.rsqrt()
+    inv_sqrt = degree.rsqrt().masked_fill(degree == 0, 0.0)
     return sign * weight * inv_sqrt[edge_index[0]] * inv_sqrt[edge_index[1]]
 
 
@@ -61,7 +63,10 @@ def graph_loss(
         # BCE against target 0 is softplus(logit); logits below -80 add < 1e-34 and would take
         # exp's slow path for results that underflow (several times slower per element)
         negative = F.softplus((v @ v[partners].T).clamp_min(-80.0)).mean(1)
-        total = total + n_negative * (out_weight @ negative)
+        # one dtype for the product: the weights' (a float64 buffer after .double()) and the
+        # embeddings' (float32 from the encoder) may differ, and matmul does not promote
+        dtype = torch.promote_types(out_weight.dtype, negative.dtype)
+        total = total + n_negative * (out_weight.to(dtype) @ negative.to(dtype))
     return total / weight.sum()
 
 
