@@ -36,8 +36,8 @@ def batches(rna_sizes, protein_sizes):
     ]
 
 
-def fit(data, **kwargs) -> DiagVILightning:
-    lit = DiagVILightning(TwoModalities(), lr=0.0)
+def fit(data, lr: float = 0.0, **kwargs) -> DiagVILightning:
+    lit = DiagVILightning(TwoModalities(), lr=lr)
     L.Trainer(
         logger=False,
         accelerator="cpu",
@@ -97,18 +97,7 @@ def test_ddp_per_modality_means_take_one_all_reduce():
 def test_gradient_clipping_under_mixed_precision_trains():
     """trainer=gpu (bf16-mixed) with trainer.gradient_clip_val: Lightning refuses to clip for a
     fused Adam, which unscales gradients itself; bf16-mixed runs on the CPU too."""
-    lit = DiagVILightning(TwoModalities(), lr=0.1)
-    L.Trainer(
-        logger=False,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        max_epochs=1,
-        precision="bf16-mixed",
-        gradient_clip_val=1.0,
-    ).fit(lit, DataLoader(batches([8, 8, 2], [3, 3, 2]), batch_size=None))
+    lit = fit(batches([8, 8, 2], [3, 3, 2]), lr=0.1, precision="bf16-mixed", gradient_clip_val=1.0)
     assert float(lit.module.w) == pytest.approx(-0.3, abs=1e-3)  # three Adam steps of lr
     # w = 0, -0.1, -0.2 at the three steps
     expected = (8 * 0 + 8 * 0.9 + 2 * 1.8) / 18
