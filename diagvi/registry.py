@@ -50,18 +50,23 @@ class Registry:
 
     def get(self, name: str) -> type:
         """The class registered as ``name``; the error lists the known names."""
+        known = ", ".join(sorted(self._items))
+        if not isinstance(name, str):  # e.g. a list from a config: not a bare "unhashable type"
+            raise DataError(
+                f"a {self.kind} name must be a string, got {type(name).__name__} {name!r}; "
+                f"expected one of: {known}"
+            )
         try:
             return self._items[name]
         except KeyError:
-            known = ", ".join(sorted(self._items))
             raise DataError(f"unknown {self.kind} {name!r}; expected one of: {known}") from None
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Instantiate the class registered as ``name``."""
         return self.get(name)(*args, **kwargs)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._items
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))

@@ -230,27 +230,32 @@ def write_synthetic_pair(
     proteins = [f"protein_{p}" for p in range(n_proteins)]
     paths = {role: out / name for role, name in SYNTHETIC_FILES.items()}
     tmp = {role: out / f".{path.stem}.tmp{path.suffix}" for role, path in paths.items()}
-    _skeleton(tmp["rna"], obs, genes)
-    _skeleton(tmp["protein"], obs, proteins)
-    with h5py.File(tmp["rna"], "a") as rna_file, h5py.File(tmp["protein"], "a") as protein_file:
-        rna = _csr_group(rna_file, (n_cells, n_genes))
-        protein = protein_file.create_dataset(
-            "X",
-            shape=(n_cells, n_proteins),
-            dtype=np.float32,
-            chunks=(max(1, min(n_cells, 4096)), n_proteins),
-        )
-        protein.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        for c, start in enumerate(range(0, n_cells, chunk_size)):
-            stop = min(start + chunk_size, n_cells)
-            rna_block, protein_block = design.sample(
-                types[start:stop], np.random.default_rng([seed, 2, c])
+    try:
+        _skeleton(tmp["rna"], obs, genes)
+        _skeleton(tmp["protein"], obs, proteins)
+        with h5py.File(tmp["rna"], "a") as rna_file, h5py.File(tmp["protein"], "a") as protein_file:
+            rna = _csr_group(rna_file, (n_cells, n_genes))
+            protein = protein_file.create_dataset(
+                "X",
+                shape=(n_cells, n_proteins),
+                dtype=np.float32,
+                chunks=(max(1, min(n_cells, 4096)), n_proteins),
             )
-            _append_csr(rna, start, rna_block)
-            protein[start:stop] = protein_block
-    pd.DataFrame({"protein": proteins, "rna": genes[:n_proteins]}).to_csv(
-        tmp["mapping"], index=False
-    )
+            protein.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            for c, start in enumerate(range(0, n_cells, chunk_size)):
+                stop = min(start + chunk_size, n_cells)
+                rna_block, protein_block = design.sample(
+                    types[start:stop], np.random.default_rng([seed, 2, c])
+                )
+                _append_csr(rna, start, rna_block)
+                protein[start:stop] = protein_block
+        pd.DataFrame({"protein": proteins, "rna": genes[:n_proteins]}).to_csv(
+            tmp["mapping"], index=False
+        )
+    except BaseException:  # an interrupted or failed write leaves no hidden half-files
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
     for role, path in paths.items():
         os.replace(tmp[role], path)
     return paths

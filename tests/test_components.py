@@ -691,6 +691,14 @@ def test_registry_unknown_name_lists_known(registry):
         assert registry.get(name).registry_name == name
 
 
+def test_registry_refuses_a_name_that_is_not_a_string():
+    # a list from a config (model.likelihood.rna=[nb]) hashed into a bare "unhashable type"
+    with pytest.raises(DataError, match=r"likelihood name must be a string, got list \['nb'\]"):
+        LIKELIHOODS.get(["nb"])
+    assert ["nb"] not in LIKELIHOODS
+    assert "nb" in LIKELIHOODS
+
+
 # ----------------------------------------------------------------------------- weigh
 
 

@@ -92,6 +92,20 @@ def test_write_synthetic_pair_rejects_bad_sizes_before_writing(tmp_path, kwargs,
     assert not out.exists() or not any(out.iterdir())  # no files, temporary or final
 
 
+def test_failed_synthetic_write_leaves_no_hidden_files(tmp_path, monkeypatch):
+    import diagvi.synthetic as synthetic
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    # fails after both temporary HDF5 files exist, in the middle of the chunk loop
+    monkeypatch.setattr(synthetic, "_append_csr", fail)
+    out = tmp_path / "pair"
+    with pytest.raises(OSError, match="disk full"):
+        write_synthetic_pair(out, n_cells=10, n_genes=20, n_proteins=4)
+    assert list(out.iterdir()) == []
+
+
 def test_synthetic_cli_reports_bad_sizes_as_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--n-cells", "10", "--out", str(tmp_path / "pair"), "--chunk-size", "-3"])
