@@ -35,6 +35,7 @@ warnings.filterwarnings(
 WEIGHT_OF_TERM = {
     "nll": "lam_data",
     "kl": "lam_kl",
+    "spread": "lam_spread",
     "graph": "lam_graph",
     "link": "lam_link",
     "self": "lam_self",
@@ -44,6 +45,7 @@ WEIGHT_OF_TERM = {
 DEFAULT_WEIGHTS = {
     "lam_data": 0.1,
     "lam_kl": 0.1,
+    "lam_spread": 0.03,
     "lam_graph": 15.0,
     "lam_link": 75.0,
     "lam_self": 25.0,
@@ -77,7 +79,7 @@ def weigh(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> to
 
 _FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps")
 # kinds of terms that average the cells of the modality named after "/"
-PER_CELL_KINDS = frozenset({"nll", "kl", "cls", "link", "self"})
+PER_CELL_KINDS = frozenset({"nll", "kl", "spread", "cls", "link", "self"})
 
 
 def _group(name: str) -> str:

@@ -253,6 +253,7 @@ class DIAGVI:
         check_val_every_n_epoch: int | None = None,
         lam_data: float = 0.1,
         lam_kl: float = 0.1,
+        lam_spread: float = 0.03,
         lam_graph: float = 15.0,
         lam_link: float = 75.0,
         lam_self: float = 25.0,
@@ -283,6 +284,7 @@ class DIAGVI:
         weights = dict(
             lam_data=lam_data,
             lam_kl=lam_kl,
+            lam_spread=lam_spread,
             lam_graph=lam_graph,
             lam_link=lam_link,
             lam_self=lam_self,

@@ -706,6 +706,7 @@ def test_weigh_uses_the_weight_of_each_term_kind():
     weights = {
         "lam_data": 2.0,
         "lam_kl": 3.0,
+        "lam_spread": 19.0,
         "lam_graph": 5.0,
         "lam_link": 13.0,
         "lam_self": 17.0,
@@ -724,8 +725,9 @@ def test_weigh_uses_the_weight_of_each_term_kind():
         "cls/rna": torch.tensor(1e7),
         "link/rna": torch.tensor(1e8),
         "self/protein": torch.tensor(1e9),
+        "spread/rna": torch.tensor(1e-3),
     }
-    expected = 2 * 11 + 3 * 1100 + 5 * 1.1e5 + 7 * 1e6 + 11 * 1e7 + 13 * 1e8 + 17 * 1e9
+    expected = 2 * 11 + 3 * 1100 + 5 * 1.1e5 + 7 * 1e6 + 11 * 1e7 + 13 * 1e8 + 17 * 1e9 + 19e-3
     assert float(weigh(terms, weights)) == pytest.approx(expected)
     for name, value in terms.items():  # each term alone gets exactly its own weight
         lam = weights[WEIGHT_OF_TERM[name.split("/")[0]]]

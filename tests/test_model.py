@@ -101,7 +101,15 @@ def test_history_has_every_term_per_epoch(trained):
     h = model.history
     assert len(h) == EPOCHS
     for stage in ("train", "val"):
-        for term in ("loss", "nll/rna", "nll/protein", "kl/rna", "kl/protein", "align"):
+        for term in (
+            "loss",
+            "nll/rna",
+            "nll/protein",
+            "kl/rna",
+            "kl/protein",
+            "align",
+            "spread/rna",
+        ):
             assert f"{stage}/{term}" in h.columns
         assert f"{stage}/graph/nll" in h.columns and f"{stage}/cls/rna" in h.columns
     assert np.isfinite(h.to_numpy()).all()
