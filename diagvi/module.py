@@ -276,8 +276,8 @@ def spread_kl(loc: torch.Tensor) -> torch.Tensor:
     reconstruction does not either. Adam turns such a persistent pull, however weak, into a
     steady drift: without this term the latent shrank about fourfold over 400 epochs and the
     pairing loosened with it (``experiments/alignment_defaults``, fifteenth round). The
-    logarithm pushes back harder the smaller a dimension's spread, which also keeps any one
-    direction from taking over the latent.
+    logarithm pushes back the harder the smaller a dimension's spread, so the drift stops
+    where the push meets the pull.
     """
     variance = loc.float().var(0).clamp_min(1e-12)
     return 0.5 * (variance - 1.0 - variance.log()).sum()
