@@ -96,8 +96,8 @@ class DiagVILightning(L.LightningModule):
     module
         The model.
     weights
-        Loss weights ``lam_data``, ``lam_kl``, ``lam_graph``, ``lam_link``, ``lam_self``,
-        ``lam_sinkhorn``, ``lam_class``.
+        Loss weights ``lam_data``, ``lam_kl``, ``lam_spread``, ``lam_graph``, ``lam_link``,
+        ``lam_self``, ``lam_sinkhorn``, ``lam_class``.
     lr, weight_decay
         Adam settings.
     nonfinite
@@ -189,7 +189,8 @@ class DiagVILightning(L.LightningModule):
         """Add the terms ``names`` (``values``), each times the cells it averages, to the sums.
 
         ``cells``: the minibatch's cells per modality. A term of one modality (``nll/<m>``,
-        ``kl/<m>``, ``cls/<m>``, ``link/<m>``, ``self/<m>``) weighs by that modality's cells,
+        ``kl/<m>``, ``spread/<m>``, ``cls/<m>``, ``link/<m>``, ``self/<m>``) weighs by that
+        modality's cells,
         any other by the larger modality's.
         """
         sums, counts = self._epoch_sums.setdefault(stage, ({}, {"": 0}))

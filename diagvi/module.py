@@ -29,8 +29,9 @@ class DiagVAE(nn.Module):
     features, averaged over cells; ``kl/<m>`` KL of ``z`` summed over latent dimensions and
     averaged over cells (the ELBO's own KL: with ``lam_kl = lam_data`` the two terms are the
     negative ELBO; scvi-tools' DIAGVI divides it by the number of features, which leaves the
-    latent scale free, see ``experiments/alignment_defaults``); ``spread/<m>`` the floor on
-    each latent dimension's spread (:func:`spread_kl`); ``graph/nll`` and
+    latent scale free, see ``experiments/alignment_defaults``); ``spread/<m>`` a floor under
+    each latent dimension's spread (:func:`spread_kl`; minibatches of at least
+    :data:`SPREAD_MIN_CELLS` cells); ``graph/nll`` and
     ``graph/kl`` the per-edge graph ELBO; ``link/<m>`` the guidance graph's statement about
     cells (:meth:`link_consistency`); ``align`` the alignment divergence between the two
     modalities' posterior means; ``cls/<m>`` cross-entropy on labelled cells (when labels
@@ -260,26 +261,36 @@ class DiagVAE(nn.Module):
             moments = {name: cross_moments(zs[name], inputs[name]) for name in self.names}
             terms.update(self.link_consistency(zs, inputs, qv.loc, moments))
             terms.update(self.self_consistency(zs, inputs, qv.loc, moments))
-            terms.update({f"spread/{m}": spread_kl(z) for m, z in zs.items() if len(z) > 1})
+            terms.update(
+                {f"spread/{m}": spread_kl(z) for m, z in zs.items() if len(z) >= SPREAD_MIN_CELLS}
+            )
             terms["align"] = self.alignment(zs, self.linked_features(inputs))
         return terms
 
 
-def spread_kl(loc: torch.Tensor) -> torch.Tensor:
-    """``sum_d KL(N(0, s_d^2) || N(0, 1))`` with ``s_d^2`` the variance over the cells of the
-    posterior means' dimension ``d``: ``sum_d (s_d^2 - 1 - log s_d^2) / 2``.
+# a variance from fewer cells is too noisy for a logarithm: with two cells its gradient is
+# about 1 / (a - b), which now and then dwarfs every other term (the epoch's last minibatch)
+SPREAD_MIN_CELLS = 16
 
-    A floor on each latent dimension's spread. Nothing else in the loss holds the latent's
-    scale: the alignment on the raw cost falls as both clouds shrink, the per-cell KL pulls the
-    means in, the ``link``/``self`` terms and the classifier do not see the scale, and once the
-    decoders read little of the latent (their embeddings shrink under the graph loss) the
-    reconstruction does not either. Adam turns such a persistent pull, however weak, into a
-    steady drift: without this term the latent shrank about fourfold over 400 epochs and the
-    pairing loosened with it (``experiments/alignment_defaults``, fifteenth round). The
-    logarithm pushes back the harder the smaller a dimension's spread, so the drift stops
-    where the push meets the pull.
+
+def spread_kl(loc: torch.Tensor) -> torch.Tensor:
+    """``sum_d KL(N(0, s_d^2) || N(0, 1))`` over the dimensions ``d`` whose spread is below the
+    prior's, ``s_d^2`` the variance over the cells of the posterior means' dimension ``d``:
+    ``sum_d (v_d - 1 - log v_d) / 2`` with ``v_d = min(s_d^2, 1)``.
+
+    A floor under each latent dimension's spread, one-sided: a dimension spread wider than the
+    prior (e.g. by a Gaussian-mixture prior's components) costs nothing. Nothing else in the
+    loss holds the latent's scale: the alignment on the raw cost falls as both clouds shrink,
+    the per-cell KL pulls the means in, the ``link``/``self`` terms and the classifier do not
+    see the scale, and once the decoders read little of the latent (their embeddings shrink
+    under the graph loss) the reconstruction does not either. Adam turns such a persistent
+    pull, however weak, into a steady drift: without this term the latent shrank about
+    fourfold over 400 epochs and the pairing loosened with it
+    (``experiments/alignment_defaults``, fifteenth round). The logarithm pushes back the harder
+    the smaller a dimension's spread, which slows the drift (the default weight) or stops it
+    (a larger one). A spread of exactly zero (identical means) gets no gradient.
     """
-    variance = loc.float().var(0).clamp_min(1e-12)
+    variance = loc.float().var(0).clamp(1e-12, 1.0)
     return 0.5 * (variance - 1.0 - variance.log()).sum()
 
 

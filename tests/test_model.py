@@ -109,6 +109,7 @@ def test_history_has_every_term_per_epoch(trained):
             "kl/protein",
             "align",
             "spread/rna",
+            "spread/protein",
         ):
             assert f"{stage}/{term}" in h.columns
         assert f"{stage}/graph/nll" in h.columns and f"{stage}/cls/rna" in h.columns
