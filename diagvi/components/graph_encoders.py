@@ -86,9 +86,18 @@ class GCNGraphEncoder(nn.Module):
         Embedding dimension (equal to the cell latent dimension).
     n_negative
         Negative samples per edge.
+    init_scale
+        Standard deviation of the learnable node features at initialisation. Small, so that
+        each feature's embedding is soon what the data make it: Adam moves a parameter by
+        about the learning rate per step, and from unit-scale random features the embeddings
+        of features without a cross-modal edge were still mostly their random start after
+        100 epochs (their decoders then imputed almost nothing;
+        ``experiments/alignment_defaults``, sixteenth round).
     """
 
-    def __init__(self, graph: Data, n_latent: int, n_negative: int = 10) -> None:
+    def __init__(
+        self, graph: Data, n_latent: int, n_negative: int = 10, init_scale: float = 0.01
+    ) -> None:
         super().__init__()
         n = int(graph.num_nodes)
         self.n_negative = n_negative
@@ -100,7 +109,9 @@ class GCNGraphEncoder(nn.Module):
         )
         # No bias before the mean: a bias shared by every node would make all embeddings
         # collinear at the start, and the decoders would then read one direction of z only.
-        self.embedding = nn.Parameter(torch.randn(n, n_latent))
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
+        self.embedding = nn.Parameter(torch.randn(n, n_latent) * init_scale)
         self.conv = GCNConv(n_latent, n_latent, normalize=False, add_self_loops=False, bias=False)
         self.loc = nn.Linear(n_latent, n_latent, bias=False)
         self.scale = nn.Linear(n_latent, n_latent)
