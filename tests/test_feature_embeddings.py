@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch_geometric.data import Data
 
 from diagvi import DIAGVI
 from diagvi.components.graph_encoders import GCNGraphEncoder
 from diagvi.synthetic import make_synthetic_pair
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 N_LINKED = 8  # proteins of the synthetic pair below: genes 0-7 are linked, the rest are not
 
 
@@ -20,14 +25,38 @@ def _graph(n: int) -> Data:
 
 
 def test_init_scale_sets_the_node_features_spread():
-    torch.manual_seed(0)
-    default = GCNGraphEncoder(_graph(400), 8)
-    wide = GCNGraphEncoder(_graph(400), 8, init_scale=1.0)
-    assert float(default.embedding.std()) == pytest.approx(0.01, rel=0.05)
-    assert float(wide.embedding.std()) == pytest.approx(1.0, rel=0.05)
-    for bad in (0.0, -0.1, float("nan")):
-        with pytest.raises(ValueError, match="init_scale must be positive"):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        default = GCNGraphEncoder(_graph(400), 8)
+        wide = GCNGraphEncoder(_graph(400), 8, init_scale=1.0)
+    assert float(default.embedding.detach().std()) == pytest.approx(0.01, rel=0.05)
+    assert float(wide.embedding.detach().std()) == pytest.approx(1.0, rel=0.05)
+    for bad in (0.0, -0.1, float("nan"), float("inf"), True, "0.01", None):
+        with pytest.raises(ValueError, match="init_scale must be a positive finite number"):
             GCNGraphEncoder(_graph(3), 4, init_scale=bad)
+
+
+def test_the_config_starts_as_the_class_does():
+    cfg = OmegaConf.load(CONFIGS / "model" / "graph_encoder" / "gcn.yaml")
+    defaults = inspect.signature(GCNGraphEncoder).parameters
+    assert cfg.init_scale == defaults["init_scale"].default
+    for key, value in cfg.items():
+        if not key.startswith("_"):
+            assert defaults[key].default == value, key
+
+
+def test_a_saved_model_keeps_its_trained_embeddings(tmp_path):
+    # the start is only a start: loading builds the encoder at the default scale, then the
+    # saved weights replace it
+    adatas, mapping = make_synthetic_pair(n_cells=40, n_genes=12, n_proteins=4)
+    for adata in adatas.values():
+        DIAGVI.setup_anndata(adata)
+    model = DIAGVI(adatas, mapping_df=mapping, n_latent=4, graph_encoder_kwargs={"init_scale": 0.5})
+    model.save(tmp_path / "model")
+    loaded = DIAGVI.load(tmp_path / "model", adatas)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module.g2v().loc, model.module.g2v().loc)
+    assert float(loaded.module.g2v.embedding.detach().std()) > 0.3
 
 
 def _unlinked_decoder_fit(init_scale: float) -> float:

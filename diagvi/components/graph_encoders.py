@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,6 +102,9 @@ class GCNGraphEncoder(nn.Module):
         self, graph: Data, n_latent: int, n_negative: int = 10, init_scale: float = 0.01
     ) -> None:
         super().__init__()
+        valid = isinstance(init_scale, Real) and not isinstance(init_scale, bool)
+        if not (valid and math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
         n = int(graph.num_nodes)
         self.n_negative = n_negative
         self.register_buffer("edge_index", graph.edge_index.long())
@@ -109,8 +115,6 @@ class GCNGraphEncoder(nn.Module):
         )
         # No bias before the mean: a bias shared by every node would make all embeddings
         # collinear at the start, and the decoders would then read one direction of z only.
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         self.embedding = nn.Parameter(torch.randn(n, n_latent) * init_scale)
         self.conv = GCNConv(n_latent, n_latent, normalize=False, add_self_loops=False, bias=False)
         self.loc = nn.Linear(n_latent, n_latent, bias=False)
