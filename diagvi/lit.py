@@ -45,7 +45,7 @@ WEIGHT_OF_TERM = {
 DEFAULT_WEIGHTS = {
     "lam_data": 0.1,
     "lam_kl": 0.1,
-    "lam_spread": 0.03,
+    "lam_spread": 0.1,
     "lam_graph": 15.0,
     "lam_link": 75.0,
     "lam_self": 25.0,

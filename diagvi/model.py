@@ -253,7 +253,7 @@ class DIAGVI:
         check_val_every_n_epoch: int | None = None,
         lam_data: float = 0.1,
         lam_kl: float = 0.1,
-        lam_spread: float = 0.03,
+        lam_spread: float = 0.1,
         lam_graph: float = 15.0,
         lam_link: float = 75.0,
         lam_self: float = 25.0,

@@ -287,8 +287,8 @@ def spread_kl(loc: torch.Tensor) -> torch.Tensor:
     pull, however weak, into a steady drift: without this term the latent shrank about
     fourfold over 400 epochs and the pairing loosened with it
     (``experiments/alignment_defaults``, fifteenth round). The logarithm pushes back the harder
-    the smaller a dimension's spread, which slows the drift (the default weight) or stops it
-    (a larger one). A spread of exactly zero (identical means) gets no gradient.
+    the smaller a dimension's spread, which at the default weight holds the pairing over long
+    runs (sixteenth round). A spread of exactly zero (identical means) gets no gradient.
     """
     variance = loc.float().var(0).clamp(1e-12, 1.0)
     return 0.5 * (variance - 1.0 - variance.log()).sum()
