@@ -190,8 +190,7 @@ class DiagVILightning(L.LightningModule):
 
         ``cells``: the minibatch's cells per modality. A term of one modality (``nll/<m>``,
         ``kl/<m>``, ``spread/<m>``, ``cls/<m>``, ``link/<m>``, ``self/<m>``) weighs by that
-        modality's cells,
-        any other by the larger modality's.
+        modality's cells, any other by the larger modality's.
         """
         sums, counts = self._epoch_sums.setdefault(stage, ({}, {"": 0}))
         groups = (("", max(cells.values(), default=0)), *cells.items())
