@@ -291,6 +291,27 @@ def test_fast_digamma_matches_torch(dtype):
     assert relative < (2e-6 if dtype == torch.float32 else 1e-10)
 
 
+@pytest.mark.parametrize("n", [500, 20_000])  # torch's digamma in float64; the series
+def test_digamma_ratio_keeps_float32_accuracy(n):
+    from diagvi.distributions import _DIGAMMA_SERIES_FROM, _digamma_ratio
+
+    assert (n < _DIGAMMA_SERIES_FROM) == (n == 500)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 50, (n,), generator=gen).float()
+    # from strongly overdispersed to nearly Poisson genes, where the two digammas nearly cancel
+    theta = 10.0 ** (torch.rand(n, generator=gen) * 9 - 2)
+    got = _digamma_ratio(x, theta)
+    assert got.dtype == torch.float32 and torch.equal(got[x == 0], torch.zeros_like(got[x == 0]))
+    want = torch.digamma(x.double() + theta.double()) - torch.digamma(theta.double())
+    relative = ((got.double() - want).abs() / want.abs().clamp_min(1e-30))[x > 0].max()
+    assert relative < 1e-5
+    # theta per feature, broadcast over the cells as the likelihood's dense path has it
+    cells = torch.randint(0, 5, (4, 3), generator=gen).float()
+    features = torch.tensor([[0.5, 40.0, 3e5]])
+    wide = torch.digamma(cells.double() + features.double()) - torch.digamma(features.double())
+    torch.testing.assert_close(_digamma_ratio(cells, features).double(), wide, rtol=1e-5, atol=0)
+
+
 def test_nb_per_cell_theta_when_cells_equal_features():
     """A cells x 1 theta is per cell even when there are as many cells as features."""
     mu = _t(np.arange(1.0, 10.0).reshape(3, 3))

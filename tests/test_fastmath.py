@@ -1,14 +1,22 @@
 """diagvi.fastmath: NumPy-backed elementwise functions agree with torch's."""
 
+import numpy as np
 import pytest
 import torch
 
 from diagvi import fastmath
 
 
+@pytest.fixture(params=[True, False], ids=["numpy", "torch"])
+def backend(request, monkeypatch):
+    """Both paths of log and log1p, whichever this CPU takes."""
+    monkeypatch.setattr(fastmath, "NUMPY_TRANSCENDENTALS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["log", "log1p"])
-def test_matches_torch(name, dtype):
+def test_matches_torch(name, dtype, backend):
     x = torch.rand(64, 33, dtype=dtype) * 50 + 1e-3
     got, want = getattr(fastmath, name)(x), getattr(torch, name)(x)
     assert got.dtype == want.dtype and got.shape == want.shape
@@ -16,12 +24,12 @@ def test_matches_torch(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["log", "log1p"])
-def test_strided_input(name):
+def test_strided_input(name, backend):
     x = (torch.rand(40, 30) + 0.5).T[::2]  # neither contiguous nor row-major
     torch.testing.assert_close(getattr(fastmath, name)(x), getattr(torch, name)(x))
 
 
-def test_gradient_and_other_dtypes_use_torch():
+def test_gradient_and_other_dtypes_use_torch(backend):
     x = torch.rand(8, 5, requires_grad=True)
     y = fastmath.log1p(x)
     assert y.requires_grad
@@ -44,8 +52,24 @@ def test_flat_nonzero():
 
 
 @pytest.mark.parametrize("name", ["log", "log1p"])
-def test_scalar_and_empty(name):
+def test_scalar_and_empty(name, backend):
     for x in (torch.tensor(2.5), torch.empty(0, 3)):
         got, want = getattr(fastmath, name)(x), getattr(torch, name)(x)
         assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["log", "log1p"])
+def test_numpy_only_where_chosen(name, backend, monkeypatch):
+    calls = []
+    numpy_fn = getattr(np, name)
+    monkeypatch.setattr(np, name, lambda a: calls.append(a.shape) or numpy_fn(a))
+    x = torch.rand(5, 3) + 0.5
+    torch.testing.assert_close(getattr(fastmath, name)(x), getattr(torch, name)(x))
+    assert calls == ([(5, 3)] if backend else [])
+
+
+def test_numpy_chosen_by_its_cpu_dispatch():
+    # the flag is NumPy's own report of its AVX-512 loops on this machine
+    assert fastmath.NUMPY_TRANSCENDENTALS == fastmath._numpy_has_avx512()
+    assert isinstance(fastmath.NUMPY_TRANSCENDENTALS, bool)
