@@ -499,6 +499,24 @@ def test_adaptive_blur_scale_equivariant(rule):
         )
 
 
+@pytest.mark.parametrize("scale_cost", [None, "mean"])
+def test_blur_with_linked_features_is_that_of_the_whole_cost(scale_cost):
+    """p = 2: the mean cost of ``[x, fx]`` and ``[y, fy]``, known without concatenating."""
+    x, y = clouds(n=30, m=40)
+    fx, fy = torch.randn(30, 7) * 3 + 1, torch.randn(40, 7)
+    align = UnbalancedSinkhorn(feature_weight=0.3, scale_cost=scale_cost)
+    x2, y2, fx2, fy2, mean = align._with_features(x, y, fx, fy)
+    whole = hand_cost(torch.cat([x2, fx2], 1), torch.cat([y2, fy2], 1)).double().mean()
+    assert float(mean) == pytest.approx(float(whole), rel=1e-5)
+    # the feature part holds its share of the whole: w / (1 - w) times the latent part
+    latent = hand_cost(x2, y2).double().mean()
+    assert float(hand_cost(fx2, fy2).double().mean() / latent) == pytest.approx(0.3 / 0.7, rel=1e-4)
+    whole_clouds = torch.cat([x2, fx2], 1), torch.cat([y2, fy2], 1)
+    expected = adaptive_blur(*whole_clouds, p=2, scale=align.epsilon_scale)
+    assert align.current_blur(x2, y2, mean=mean) == pytest.approx(expected, rel=1e-5)
+    assert UnbalancedSinkhorn(p=1, feature_weight=0.3)._with_features(x, y, fx, fy)[-1] is None
+
+
 def test_adaptive_blur_is_not_differentiated():
     x, y = clouds()
     x.requires_grad_()

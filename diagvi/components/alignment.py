@@ -45,18 +45,22 @@ def adaptive_blur(
     rule: str = "mean",
     scale: float = 0.05,
     cost: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None,
 ) -> float:
     """Blur from the minibatch's cost: ``epsilon = scale * rule(C)``, ``blur = epsilon^(1/p)``.
 
     ``rule="std"`` with ``scale=0.05`` is OTT-JAX's default (``epsilon = 0.05 * std(C)``);
     ``rule="mean"`` with ``scale=0.05`` is scvi-tools' DIAGVI rule. GeomLoss' ``blur`` is the
     length scale whose ``p``-th power is the entropic ``epsilon``. The rule is not
-    differentiated: it sets the solver's resolution, not the objective.
+    differentiated: it sets the solver's resolution, not the objective. ``cost``: the cost
+    matrix, ``mean``: its mean, when already known.
     """
     if rule not in EPSILON_RULES:
         raise ValueError(f"unknown epsilon rule {rule!r}; expected one of {EPSILON_RULES}")
     with torch.no_grad():
-        if cost is None and rule == "mean":
+        if mean is not None and rule == "mean":
+            stat = mean.detach()
+        elif cost is None and rule == "mean":
             stat = mean_cost(x.detach(), y.detach(), p)  # closed form for p = 2: no N x M matrix
         else:
             cost = ground_cost(x.detach(), y.detach(), p) if cost is None else cost.detach()
@@ -179,23 +183,33 @@ class UnbalancedSinkhorn(nn.Module):
         ``scale_cost="mean"``); the feature part is rescaled, without gradient, so that its
         mean is ``feature_weight / (1 - feature_weight)`` times the latent part's. A latent
         that shrinks therefore shrinks the feature part with it, and gains nothing. Returns
-        ``(x, y, fx, fy)``: the cost is that of the concatenations ``[x, fx]`` and ``[y, fy]``.
+        ``(x, y, fx, fy, mean)``: the cost is that of the concatenations ``[x, fx]`` and
+        ``[y, fy]``; for ``p = 2`` it is the sum of the two parts' costs, and ``mean`` its mean
+        (without gradient; ``None`` for ``p = 1``).
         """
         root = 1.0 / self.p
         fx, fy = _centred(fx, fy)
-        latent_cost = mean_cost(x, y, self.p).clamp_min(1e-12)
+        latent = mean_cost(x, y, self.p)
+        latent_cost = latent.clamp_min(1e-12)
         if self.scale_cost == "mean":
             x, y = x / latent_cost**root, y / latent_cost**root
+            latent = latent / latent_cost
             latent_cost = torch.ones_like(latent_cost)
         share = self.feature_weight / (1.0 - self.feature_weight)
-        feature = share * latent_cost.detach() / mean_cost(fx, fy, self.p).clamp_min(1e-12)
-        return x, y, fx * feature**root, fy * feature**root
+        feature_cost = mean_cost(fx, fy, self.p)
+        feature = share * latent_cost.detach() / feature_cost.clamp_min(1e-12)
+        mean = latent.detach() + feature * feature_cost if self.p == 2 else None
+        return x, y, fx * feature**root, fy * feature**root, mean
 
     def current_blur(
-        self, x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        cost: torch.Tensor | None = None,
+        mean: torch.Tensor | None = None,
     ) -> float:
         if self.blur_mode == "adaptive":
-            return adaptive_blur(x, y, self.p, self.epsilon_rule, self.epsilon_scale, cost)
+            return adaptive_blur(x, y, self.p, self.epsilon_rule, self.epsilon_scale, cost, mean)
         if self.blur_mode == "fixed":
             return self.blur
         progress = min(int(self.step) / max(self.anneal_steps, 1), 1.0)
@@ -206,14 +220,15 @@ class UnbalancedSinkhorn(nn.Module):
     ) -> torch.Tensor:
         # the costs depend on differences: centred clouds keep their float32 accuracy
         x, y = _centred(*z.values(), detach=self.scale_cost is None)
-        cost = fixed = whole = None
+        cost = fixed = whole = mean = None
         if self.feature_weight > 0 and features:
-            x, y, fx, fy = self._with_features(x, y, *(features[k] for k in z))
-            whole = torch.cat([x, fx], 1), torch.cat([y, fy], 1)
+            x, y, fx, fy, mean = self._with_features(x, y, *(features[k] for k in z))
             if self.solver == "dense" and self.p == 2:
                 fixed = fx, fy  # the dense solver then differentiates the latent part alone
+                if self.epsilon_rule != "mean":  # the spread of the cost needs the clouds
+                    whole = torch.cat([x, fx], 1), torch.cat([y, fy], 1)
             else:  # the features are coordinates like any other (their gradient goes nowhere)
-                x, y = whole
+                x, y = torch.cat([x, fx], 1), torch.cat([y, fy], 1)
         elif self.scale_cost == "mean":
             # differentiated on purpose: a detached scale would leave a gradient that shrinks
             # both clouds every step, and the latent space collapses towards a point
@@ -221,7 +236,7 @@ class UnbalancedSinkhorn(nn.Module):
             mean_cost = cost.mean().clamp_min(1e-12)
             x, y = x / mean_cost ** (1.0 / self.p), y / mean_cost ** (1.0 / self.p)
             cost = cost / mean_cost  # the rescaled clouds' cost, reused by the blur rule
-        blur = self.current_blur(*(whole or (x, y)), cost)
+        blur = self.current_blur(*(whole or (x, y)), cost, mean)
         reach = None if self.reach_scale is None else self.reach_scale * blur
         if self.training:
             self.step += 1
