@@ -142,12 +142,13 @@ def _sparse_enough(x: torch.Tensor) -> bool:
 
 
 def _digamma(z: torch.Tensor) -> torch.Tensor:
-    r"""``digamma(z)`` for ``z > 0``, three times faster than ``torch.digamma`` on a CPU.
+    r"""``digamma(z)`` for ``z > 0``, faster than ``torch.digamma`` on a CPU for large inputs.
 
     The recurrence :math:`\psi(z) = \psi(z + 6) - \sum_{k=0}^{5} 1 / (z + k)`, then the
     asymptotic series of :math:`\psi(w)` at :math:`w = z + 6` to :math:`w^{-10}` (truncation
     below :math:`10^{-9}`): about 25 vectorised operations, where ``torch.digamma`` evaluates
-    element by element (1.1 ms for 51,200 values on this CPU, 0.37 ms here). Relative error
+    element by element (51,200 values: 1.1 ms against 0.37 ms here on an AVX-512 CPU; 50,000
+    digamma differences on an AVX2 one: 2.3 ms in float64 against 0.85). Relative error
     against ``torch.digamma`` in float64: below :math:`10^{-6}` in float32, :math:`10^{-11}` in
     float64.
     """

@@ -244,10 +244,11 @@ class DiagVAE(nn.Module):
         inputs: dict[str, torch.Tensor] = {}
         for name in self.names:
             x, b, y = batch[name]["x"], batch[name]["batch"], batch[name]["label"]
-            inputs[name] = self.transform(name, x)
+            library = x.sum(-1, keepdim=True)  # one pass: the transform and the decoder's
+            inputs[name] = self.likelihood[name].transform(x, library)
             qz = self.x2z[name](self.encoder_input(name, inputs[name]))
             z = qz.rsample()
-            px = self.decode(name, z, v, b, x.sum(-1, keepdim=True))
+            px = self.decode(name, z, v, b, library)
             terms[f"nll/{name}"] = -px.log_prob(x).sum(-1).mean()
             terms[f"kl/{name}"] = self.prior.kl(qz, z, y).mean()
             if self.classifier is not None:

@@ -7,7 +7,7 @@ import torch
 
 from diagvi.graph import build_guidance_graph
 from diagvi.linked import LinkedView
-from diagvi.nn import principal_axes
+from diagvi.nn import Encoder, principal_axes
 
 
 def small_view(n_components: int = 3) -> LinkedView:
@@ -92,3 +92,23 @@ def test_building_a_seeded_model_leaves_the_cuda_generators_alone(monkeypatch):
     assert torch.equal(torch.get_rng_state(), state)
     for a, b in zip(first.module.parameters(), second.module.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_encoder_heads_are_its_two_layers():
+    """The heads run as one product of stacked weights: the same values and gradients as the
+    two layers, which stay the parameters a saved model holds."""
+    torch.manual_seed(0)
+    enc = Encoder(12, 3, n_hidden=16).eval()  # no dropout: the body is deterministic
+    x = torch.rand(9, 12)
+    q = enc(x)
+    h = enc.body(x)
+    torch.testing.assert_close(q.loc, enc.loc(h))
+    torch.testing.assert_close(q.scale, torch.nn.functional.softplus(enc.scale(h)) + 1e-4)
+    (q.loc.square().sum() + q.scale.sum()).backward()
+    heads = [enc.loc.weight, enc.loc.bias, enc.scale.weight, enc.scale.bias]
+    got = [p.grad.clone() for p in heads]
+    enc.zero_grad()
+    h = enc.body(x)
+    (enc.loc(h).square().sum() + torch.nn.functional.softplus(enc.scale(h)).sum()).backward()
+    torch.testing.assert_close(got, [p.grad for p in heads])
+    assert {"loc.weight", "loc.bias", "scale.weight", "scale.bias"} <= set(enc.state_dict())
