@@ -116,9 +116,15 @@ class DiagVAE(nn.Module):
         components of it (:attr:`pcs`)."""
         return self.pcs[name](transformed) if name in self.pcs else transformed
 
-    def transform(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's input: the likelihood's transform of ``x`` (e.g. log1p of CP10k)."""
-        return self.likelihood[name].transform(x, x.sum(-1, keepdim=True))
+    def transform(
+        self, name: str, x: torch.Tensor, library: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The encoder's input: the likelihood's transform of ``x`` (e.g. log1p of CP10k).
+
+        ``library``: ``x``'s per-cell totals (cells x 1), when already summed."""
+        if library is None:
+            library = x.sum(-1, keepdim=True)
+        return self.likelihood[name].transform(x, library)
 
     def linked_features(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each modality's cells in the guidance graph's shared coordinates (:mod:`diagvi.linked`).
@@ -245,7 +251,7 @@ class DiagVAE(nn.Module):
         for name in self.names:
             x, b, y = batch[name]["x"], batch[name]["batch"], batch[name]["label"]
             library = x.sum(-1, keepdim=True)  # one pass: the transform and the decoder's
-            inputs[name] = self.likelihood[name].transform(x, library)
+            inputs[name] = self.transform(name, x, library)
             qz = self.x2z[name](self.encoder_input(name, inputs[name]))
             z = qz.rsample()
             px = self.decode(name, z, v, b, library)
