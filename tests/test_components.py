@@ -924,3 +924,11 @@ def test_dropout_drops_a_share_p_and_rescales_the_rest(p):
     torch.testing.assert_close(layer(x), y)  # seeded like torch's own
     assert not torch.equal(layer(x), y)  # a fresh mask per call
     assert torch.equal(layer.eval()(x), x)
+
+
+def test_dropout_keeps_a_half_precision_input_and_its_drop_share():
+    from diagvi.nn import Dropout
+
+    y = Dropout(0.1)(torch.ones(400, 300, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert abs(float((y == 0).float().mean()) - 0.1) < 0.01
