@@ -28,14 +28,15 @@ def mean_cost(x: torch.Tensor, y: torch.Tensor, p: int = 2) -> torch.Tensor:
     """Mean of the ground cost (:func:`~diagvi.components.sinkhorn.ground_cost`); for ``p = 2``
     in closed form, without the ``N x M`` matrix:
     ``mean_ij |x_i - y_j|^2 / 2 = (var(x) + var(y) + |mean(x) - mean(y)|^2) / 2`` with
-    ``var(x) = mean_i |x_i - mean(x)|^2``. Each term is non-negative: the expansion
-    ``mean|x|^2 + mean|y|^2 - 2 mean(x).mean(y)`` loses the cost to float32 rounding once the
-    clouds sit far from the origin compared with their spread."""
+    ``var(x) = mean_i |x_i - mean(x)|^2``, the sum of the coordinates' variances. Each term
+    is non-negative: the expansion ``mean|x|^2 + mean|y|^2 - 2 mean(x).mean(y)`` loses the
+    cost to float32 rounding once the clouds sit far from the origin compared with their
+    spread."""
     if p != 2:
         return ground_cost(x, y, p).mean()
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    spread = (x - x_mean).square().sum(1).mean() + (y - y_mean).square().sum(1).mean()
-    return (spread + (x_mean - y_mean).square().sum()) / 2
+    x_var, x_mean = torch.var_mean(x, 0, correction=0)
+    y_var, y_mean = torch.var_mean(y, 0, correction=0)
+    return (x_var + y_var + (x_mean - y_mean).square()).sum() / 2
 
 
 def adaptive_blur(
