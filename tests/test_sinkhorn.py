@@ -179,6 +179,8 @@ def short_schedule_written_out(x, y, blur, reach, scaling, symmetric=3):
         for i, eps in enumerate(schedule):
             if i == joins:
                 f_aa, g_bb = softmin(eps, xd, xd, a_log), softmin(eps, yd, yd, b_log)
+            if i == 0 < joins and rho is not None:  # unbalanced: the first soft-min alone
+                continue
             f_ba, g_ab = (
                 (f_ba + softmin(eps, xd, yd, b_log + g_ab / eps)) / 2,
                 (g_ab + softmin(eps, yd, xd, a_log + f_ba / eps)) / 2,

@@ -177,12 +177,14 @@ def sinkhorn_divergence(
     ``schedule="geomloss"`` runs GeomLoss' epsilon-scaling: every problem at every temperature.
     ``"short"`` solves the two symmetric (debiasing) problems ``(a, a)`` and ``(b, b)`` on the
     last three temperatures only, from a first soft-min there: the symmetric updates with
-    averaging converge in a few steps. Of ``L`` temperatures, ``2 (L + 1) + 8`` updates of one
-    problem instead of ``4 (L + 1)`` (none fewer up to three, 24 instead of 32 at seven); on the
-    benchmark's latent minibatches the value and gradients move by ``1e-6``-``2e-4``
-    (relative), where GeomLoss' epsilon-scaling itself is some ``1e-3``-``3e-2`` (value) and
-    ``0.2``-``0.4`` (gradients) from the converged divergence (``experiments/benchmark``,
-    tenth round).
+    averaging converge in a few steps. With ``reach``, the cross problems take their first
+    soft-min alone at the first temperature (``diameter^p``: a nearly flat kernel, and a
+    soft-min damped by ``1 / (1 + eps / rho)``), without the averaged update. Of ``L``
+    temperatures, ``2 L + 8`` updates of one problem (``2 (L + 1) + 8`` balanced) instead of
+    ``4 (L + 1)`` (none fewer up to three, 22 instead of 32 at seven); on the benchmark's latent
+    minibatches the value and gradients move by ``1e-6``-``2e-4`` (relative), where GeomLoss'
+    epsilon-scaling itself is some ``1e-3``-``3e-2`` (value) and ``0.2``-``0.4`` (gradients)
+    from the converged divergence (``experiments/benchmark``, tenth and twelfth rounds).
     """
     if (x_fixed is None) != (y_fixed is None):
         raise ValueError("x_fixed and y_fixed must be given together")
@@ -264,6 +266,10 @@ def sinkhorn_divergence(
             joins = max(len(eps_list) - _SYMMETRIC_TEMPERATURES, 0)
         elif schedule != "geomloss":
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        # unbalanced, the short schedule's cross problems keep their first soft-min at the first
+        # temperature, without the averaged update: the kernel is nearly flat there
+        # (diameter^p) and the relaxed marginals damp that soft-min by 1 / (1 + eps / rho)
+        first_average = schedule == "geomloss" or rho is None or joins == 0
         potentials = torch.zeros_like(log_weights)
         for i, eps in enumerate(eps_list):
             # the cross problems start at the first temperature, the symmetric ones where
@@ -271,8 +277,9 @@ def sinkhorn_divergence(
             first = slice(0 if i == joins else 2, 4 if i == 0 else 2)
             if first.start < first.stop:
                 potentials[first] = update(eps, potentials, first)
-            rows = slice(0 if i >= joins else 2, 4)
-            potentials[rows].lerp_(update(eps, potentials, rows), 0.5)  # the average
+            if i > 0 or first_average:
+                rows = slice(0 if i >= joins else 2, 4)
+                potentials[rows].lerp_(update(eps, potentials, rows), 0.5)  # the average
 
     # the last extrapolation carries the gradient; each cost sees the other cloud detached
     eps = eps_list[-1]
