@@ -269,7 +269,7 @@ def sinkhorn_divergence(
         # unbalanced, the short schedule's cross problems keep their first soft-min at the first
         # temperature, without the averaged update: the kernel is nearly flat there
         # (diameter^p) and the relaxed marginals damp that soft-min by 1 / (1 + eps / rho)
-        first_average = schedule == "geomloss" or rho is None or joins == 0
+        first_average = rho is None or joins == 0  # GeomLoss' schedule: joins is 0
         potentials = torch.zeros_like(log_weights)
         for i, eps in enumerate(eps_list):
             # the cross problems start at the first temperature, the symmetric ones where
