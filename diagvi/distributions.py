@@ -23,6 +23,9 @@ elsewhere, which is the usual convention for such likelihoods.
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributions import Distribution, Gamma, LogNormal, Normal, constraints
@@ -137,8 +140,8 @@ def _sparse_enough(x: torch.Tensor) -> bool:
     65,536 entries are sparse enough (both paths give the same values)."""
     if x.device.type != "cpu":
         return False
-    head = x.reshape(-1)[: 1 << 16]
-    return bool(torch.count_nonzero(head) <= _SPARSE_ENOUGH * head.numel())
+    head = x.detach().reshape(-1)[: 1 << 16].numpy()
+    return bool(np.count_nonzero(head) <= _SPARSE_ENOUGH * head.size)
 
 
 def _digamma(z: torch.Tensor) -> torch.Tensor:
@@ -225,25 +228,33 @@ class _CompositionNBLogProb(torch.autograd.Function):
         out = -theta * log1p_ratio
         ctx.eps, ctx.sparse = eps, _sparse_enough(x)
         if not ctx.sparse:
-            lgamma_ratio = torch.lgamma(x + theta).sub_(torch.lgamma(theta))
-            out += x * (fastmath.log(mu + eps) - fastmath.log(t)) + _large_theta_exact(
-                lgamma_ratio, x, theta
-            )
-            out -= torch.lgamma(x + 1)
+            ctx.whole = whole = _WholeCounts.of(x, None, theta)
+            if whole is not None:
+                lgamma_terms = whole.log_gamma()
+            else:
+                lgamma_terms = torch.lgamma(x + theta).sub_(torch.lgamma(theta))
+                lgamma_terms = _large_theta_exact(lgamma_terms, x, theta)
+                lgamma_terms -= torch.lgamma(x + 1)
+            out += x * (fastmath.log(mu + eps) - fastmath.log(t)) + lgamma_terms
             ctx.save_for_backward(mu, t, ratio, log1p_ratio, theta, x, library)
             return out
         nonzero = fastmath.flat_nonzero(x)
         at = _Nonzeros(nonzero, out.shape[-1], theta.shape[0] == 1)
         xn, mun, tn = at.take(x), at.take(mu), at.take(t)
-        thetan = at.take_theta(theta)
-        lgamma_ratio = torch.lgamma(xn + thetan)
-        lgamma_ratio -= (
-            at.take_theta(torch.lgamma(theta)) if at.per_feature else torch.lgamma(thetan)
-        )
-        largest = theta.amax() if at.per_feature else None  # per feature: fewer values
-        lgamma_ratio = _large_theta_exact(lgamma_ratio, xn, thetan, largest)
-        counts = xn * (fastmath.log(mun + eps) - fastmath.log(tn)) + lgamma_ratio
-        counts -= torch.lgamma(xn + 1)
+        ctx.whole = whole = _WholeCounts.of(xn, at.column, theta)
+        if whole is not None:
+            thetan = None
+            lgamma_terms = whole.log_gamma()
+        else:
+            thetan = at.take_theta(theta)
+            lgamma_terms = torch.lgamma(xn + thetan)
+            lgamma_terms -= (
+                at.take_theta(torch.lgamma(theta)) if at.per_feature else torch.lgamma(thetan)
+            )
+            largest = theta.amax() if at.per_feature else None  # per feature: fewer values
+            lgamma_terms = _large_theta_exact(lgamma_terms, xn, thetan, largest)
+            lgamma_terms -= torch.lgamma(xn + 1)
+        counts = xn * (fastmath.log(mun + eps) - fastmath.log(tn)) + lgamma_terms
         out.reshape(-1).index_add_(0, nonzero, counts)
         ctx.at = at
         ctx.save_for_backward(mu, t, ratio, log1p_ratio, theta, library, xn, mun, tn, thetan)
@@ -272,14 +283,19 @@ class _CompositionNBLogProb(torch.autograd.Function):
             gn = at.take(grad) if grad.shape[-1] > 1 else at.take_row(grad)
             g.reshape(-1).index_add_(0, at.index, gn * xn * (1.0 / tn - 1.0 / (mun + eps)))
             if grad_theta is not None:
-                per_feature = at.per_feature and len(xn) >= _DIGAMMA_SERIES_FROM
-                tail = at.take_theta(_digamma_tail(theta)) if per_feature else None
-                extra = gn * (_digamma_ratio(xn, thetan, tail) - xn / tn)
-                at.add_to_theta(grad_theta, extra)
+                if ctx.whole is not None:
+                    digammas = ctx.whole.digamma_ratio()
+                else:
+                    per_feature = at.per_feature and len(xn) >= _DIGAMMA_SERIES_FROM
+                    tail = at.take_theta(_digamma_tail(theta)) if per_feature else None
+                    digammas = _digamma_ratio(xn, thetan, tail)
+                at.add_to_theta(grad_theta, gn * (digammas - xn / tn))
         else:
             g -= grad * x * (1.0 / (mu + eps) - 1.0 / t)
             if grad_theta is not None:
-                dense = grad * (_digamma_ratio(x, theta) - x / t)
+                whole = ctx.whole
+                digammas = _digamma_ratio(x, theta) if whole is None else whole.digamma_ratio()
+                dense = grad * (digammas - x / t)
                 grad_theta = grad_theta + _to_rows(dense, theta)
         # through mu = library * softmax(eta): g_eta = a - softmax * sum(a), a = -g * mu
         g.mul_(mu)
@@ -319,6 +335,107 @@ class _Nonzeros:
     def add_to_theta(self, grad_theta: torch.Tensor, values: torch.Tensor) -> None:
         where = self.column if self.per_feature else self.index
         grad_theta.reshape(-1).index_add_(0, where, values)
+
+
+# whole counts below this come from the tables of :class:`_WholeCounts` (in the benchmark's
+# data 92-99 % of the nonzero counts; the table costs ``features x 16`` logarithms)
+_TABLE_COUNTS = 16
+
+
+class _WholeCounts:
+    r"""The NB's log-gamma terms at whole counts, looked up in per-feature tables.
+
+    For a whole count :math:`x` and :math:`\theta > 0`,
+
+    .. math::
+        \log\frac{\Gamma(x+\theta)}{\Gamma(\theta)\,\Gamma(x+1)}
+        = \sum_{k<x} \log\frac{\theta+k}{k+1},
+        \qquad
+        \psi(x+\theta) - \psi(\theta) = \sum_{k<x} \frac{1}{\theta+k},
+
+    cumulative sums over :math:`k`, one column per feature. For :math:`x <` :data:`_TABLE_COUNTS`
+    a lookup replaces three log-gamma functions (about 11 ns a value on a CPU) in the forward
+    and the digamma difference (a 25-pass series or float64 digammas) in the backward; the few
+    larger counts take the functions. The sums are exact where the difference of log-gammas
+    loses digits (large ``theta``). ``x``: whole numbers; ``column``: each value's feature
+    (``None``: ``x`` is ``cells x features``); ``theta``: ``1 x features``.
+    """
+
+    def __init__(
+        self, x: torch.Tensor, column: torch.Tensor | None, theta: torch.Tensor, large: np.ndarray
+    ) -> None:
+        n_features = theta.shape[-1]
+        shift, scale = _table_rows(theta.dtype)
+        # row k + 1: (theta + k) / (k + 1); row 0: 1, so that the sums start at 0
+        self.ratios = torch.addcmul(shift, theta.detach(), scale)
+        self.shape, self.scale = x.shape, scale
+        self.large = torch.from_numpy(large)
+        if column is None:  # x is cells x features
+            feature = self.large % n_features
+            column = torch.arange(n_features, dtype=x.dtype)
+        else:
+            feature = column.index_select(0, self.large)
+        self.x_large = x.reshape(-1).index_select(0, self.large)
+        self.theta_large = theta.detach().reshape(-1).index_select(0, feature)
+        # flat index count * features + feature (exact in float32 below 2^24)
+        index = x.clamp_max(_TABLE_COUNTS - 1).mul_(n_features).add_(column)
+        self.index = index.reshape(-1).to(torch.int64)
+
+    @staticmethod
+    def of(
+        x: torch.Tensor, column: torch.Tensor | None, theta: torch.Tensor
+    ) -> _WholeCounts | None:
+        """The tables for ``x`` on a CPU, or ``None`` unless ``x`` holds whole numbers in
+        ``[0, 2^24)``, at least :data:`_DIGAMMA_SERIES_FROM` of them (fewer: the tables'
+        30-odd operations cost more than the functions), and ``theta`` one row (of fewer
+        than ``2^20`` features: a float32 index)."""
+        if (
+            x.device.type != "cpu"
+            or x.numel() < _DIGAMMA_SERIES_FROM
+            or theta.shape[0] != 1
+            or theta.shape[-1] * _TABLE_COUNTS >= 2**24
+            or x.dtype not in _WHOLE_DTYPES
+        ):
+            return None
+        values = x.detach().numpy()
+        if values.size == 0 or not 0 <= values.min() <= values.max() < 2**24:
+            return None  # a NaN fails too
+        if not np.array_equal(np.trunc(values), values):
+            return None
+        large = np.flatnonzero(values >= _TABLE_COUNTS)
+        return _WholeCounts(x.detach(), column, theta, large)
+
+    def _lookup(self, table: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
+        values = table.reshape(-1).index_select(0, self.index)
+        if len(self.large):
+            values[self.large] = large.to(values.dtype)
+        return values.view(self.shape)
+
+    def log_gamma(self) -> torch.Tensor:
+        """``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``."""
+        table = fastmath.log(self.ratios).cumsum_(0)
+        x, theta = self.x_large, self.theta_large
+        ratio = _large_theta_exact(torch.lgamma(x + theta).sub_(torch.lgamma(theta)), x, theta)
+        return self._lookup(table, ratio.sub_(torch.lgamma(x + 1)))
+
+    def digamma_ratio(self) -> torch.Tensor:
+        """``digamma(x + theta) - digamma(theta)``."""
+        # 1 / (theta + k) = scale / ratio; row 0: 0
+        table = torch.div(self.scale, self.ratios).cumsum_(0)
+        return self._lookup(table, _digamma_ratio(self.x_large, self.theta_large))
+
+
+_WHOLE_DTYPES = (torch.float32, torch.float64)
+
+
+@functools.cache
+def _table_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``shift`` and ``scale``, columns: row 0 ``(1, 0)``, row ``k + 1``
+    ``(k / (k + 1), 1 / (k + 1))``."""
+    k = torch.arange(_TABLE_COUNTS - 1, dtype=torch.float64)
+    shift = torch.cat([torch.ones(1, dtype=torch.float64), k / (k + 1)])
+    scale = torch.cat([torch.zeros(1, dtype=torch.float64), 1 / (k + 1)])
+    return shift.to(dtype).unsqueeze(1), scale.to(dtype).unsqueeze(1)
 
 
 @torch.no_grad()

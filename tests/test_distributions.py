@@ -274,6 +274,64 @@ def test_composition_nb_matches_autograd_through_the_formula(theta_rows, density
     torch.testing.assert_close(fused.mean, reference.mean)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("density", [0.24, 0.9])  # the nonzeros-only path and the dense one
+def test_composition_nb_at_whole_counts_equals_scipy_with_its_gradients(density, dtype):
+    """Enough whole counts take the per-feature tables (counts >= 16 the functions); the
+    log-pmf equals the float64 formula's (and scipy's) and both gradients autograd's through
+    it, from overdispersed to nearly Poisson features. In float32 the tables are exact where
+    log-gamma differences lose digits (``theta`` of thousands)."""
+    from diagvi.distributions import _DIGAMMA_SERIES_FROM, _TABLE_COUNTS, _WholeCounts
+
+    gen = torch.Generator().manual_seed(4)
+    shape = (256, 160)
+    x = torch.poisson(torch.rand(shape, generator=gen, dtype=torch.float64) * 12)
+    x = x * (torch.rand(shape, generator=gen, dtype=torch.float64) < density)
+    x[::9] *= 7  # some counts far above the tables
+    library = x.sum(-1, keepdim=True)
+    eta64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    log_theta64 = torch.linspace(-4.0, 14.0, shape[1], dtype=torch.float64).unsqueeze(0)
+    eta = eta64.to(dtype, copy=True).requires_grad_()
+    log_theta = log_theta64.to(dtype, copy=True).requires_grad_()
+    assert (x >= _TABLE_COUNTS).any() and (x != 0).sum() >= _DIGAMMA_SERIES_FROM
+    assert _WholeCounts.of(x.to(dtype), None, log_theta) is not None
+
+    theta = log_theta.exp()
+    got = CompositionNegativeBinomial(eta, library.to(dtype), theta).log_prob(x.to(dtype))
+    eta64.requires_grad_(), log_theta64.requires_grad_()
+    reference = NegativeBinomial(library * torch.softmax(eta64, -1), log_theta64.exp())
+    want = reference.log_prob(x)
+    scipy = _nb_ref(x.numpy(), reference.mean.detach().numpy(), theta.detach().double().numpy())
+    np.testing.assert_allclose(want.detach().numpy(), scipy, rtol=1e-6)  # eps in the logs
+    error = (got.double() - want.detach()).abs()
+    if dtype == torch.float64:
+        assert error.max() < 1e-8  # the reference: log-gammas of 1e6 (ulp 4e-9)
+    else:  # above the tables, float32 log-gammas of x + theta (up to 2e5: ulp 0.016)
+        assert error[x < _TABLE_COUNTS].max() < 1e-4 and error.max() < 2e-2
+
+    weights = torch.rand(shape, generator=gen, dtype=torch.float64)
+    expected = torch.autograd.grad((want * weights).sum(), (eta64, log_theta64))
+    grads = torch.autograd.grad((got * weights.to(dtype)).sum(), (eta, log_theta))
+    for g, e in zip(grads, expected, strict=True):
+        relative = ((g.double() - e).abs() / e.abs().clamp_min(1.0)).max()
+        # the reference's digamma differences at theta = 1e6: 5e-11 relative each
+        assert relative < (1e-7 if dtype == torch.float64 else 1e-4)
+
+
+def test_whole_count_tables_only_for_whole_counts():
+    from diagvi.distributions import _WholeCounts
+
+    theta = torch.ones(1, 100)
+    counts = torch.poisson(torch.full((100, 100), 3.0))
+    assert _WholeCounts.of(counts, None, theta) is not None
+    for bad in (0.5, -1.0, float("nan"), float("inf")):
+        x = counts.clone()
+        x[7, 3] = bad
+        assert _WholeCounts.of(x, None, theta) is None, bad
+    assert _WholeCounts.of(counts, None, torch.ones(100, 100)) is None  # theta per cell
+    assert _WholeCounts.of(counts[:10], None, theta) is None  # too few to pay
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fast_digamma_matches_torch(dtype):
     from diagvi.distributions import _digamma
