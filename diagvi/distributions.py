@@ -71,7 +71,8 @@ def _nb_log_prob(
     mostly zeros (scRNA-seq: often > 90%), and the log-gamma functions and their digamma
     gradients are the expensive part of a training step on a CPU (the other terms are cheap
     elementwise work, done densely: gathering them costs more in the backward). A per-feature
-    ``theta`` gets its ``log Gamma(theta)`` per feature, then gathered. Every entry is computed
+    ``theta`` gets its ``log Gamma(theta)`` per feature, then gathered; at many whole counts
+    the log-gamma terms come from the tables of :class:`_WholeCounts`. Every entry is computed
     on an accelerator, where elementwise work is cheap and finding the nonzeros would
     synchronise with the host, and for dense data (e.g. spatial spots): gathering and
     scattering the nonzeros costs more than it saves above about 30 % nonzeros.
@@ -79,6 +80,9 @@ def _nb_log_prob(
     out = -theta * torch.log1p(mu / (theta + eps))
     out = out + x * (torch.log(mu + eps) - torch.log(theta + mu + eps))
     if out.dim() == 0 or not _sparse_enough(x):
+        whole = _WholeCounts.of(x, None, theta) if x.dim() == 2 else None
+        if whole is not None:
+            return out + _WholeCountTerms.apply(theta, whole)
         return out + _LgammaRatio.apply(x, theta) - torch.lgamma(x + 1)
     flat = x.expand(out.shape).reshape(-1)
     nonzero = fastmath.flat_nonzero(flat)
@@ -86,11 +90,15 @@ def _nb_log_prob(
     n_features = out.shape[-1]
     # one value per feature (a cells x 1 theta with as many cells as features is per cell)
     if theta.dim() > 0 and theta.shape[-1] == n_features == theta.numel():
-        counts = _LgammaRatio.apply(xn, theta.reshape(-1)[nonzero % n_features])
+        column, per_feature = nonzero % n_features, theta.reshape(1, -1)
+        whole = _WholeCounts.of(xn, column, per_feature)
+        if whole is not None:
+            counts = _WholeCountTerms.apply(per_feature, whole)
+        else:
+            counts = _LgammaRatio.apply(xn, theta.reshape(-1)[column]) - torch.lgamma(xn + 1)
     else:
         thetan = theta.expand(out.shape).reshape(-1)[nonzero]
-        counts = _LgammaRatio.apply(xn, thetan)
-    counts = counts - torch.lgamma(xn + 1)
+        counts = _LgammaRatio.apply(xn, thetan) - torch.lgamma(xn + 1)
     return out.reshape(-1).index_add(0, nonzero, counts).view(out.shape)
 
 
@@ -203,7 +211,9 @@ class _CompositionNBLogProb(torch.autograd.Function):
     With :math:`t = \theta + \mu + \epsilon` and :math:`r = \mu / (\theta + \epsilon)`, the
     terms in :math:`x` vanish where :math:`x = 0`, so on sparse data only
     :math:`-\theta \log(1 + r)` is dense; the rest is computed on the nonzeros (the digamma
-    difference by :func:`_digamma_ratio`, as in :func:`_nb_log_prob`). The gradient:
+    difference by :func:`_digamma_ratio`, as in :func:`_nb_log_prob`; at many whole counts and
+    one ``theta`` per feature the log-gamma terms and the digamma difference come from the
+    tables of :class:`_WholeCounts`). The gradient:
 
     .. math::
         \frac{\partial}{\partial\mu} = \frac{x}{\mu+\epsilon} - \frac{\theta + x}{t},
@@ -368,7 +378,7 @@ class _WholeCounts:
         shift, scale = _table_rows(theta.dtype)
         # row k + 1: (theta + k) / (k + 1); row 0: 1, so that the sums start at 0
         self.ratios = torch.addcmul(shift, theta.detach(), scale)
-        self.shape, self.scale = x.shape, scale
+        self.shape, self.scale, self.column = x.shape, scale, column
         self.large = torch.from_numpy(large)
         if column is None:  # x is cells x features
             feature = self.large % n_features
@@ -392,7 +402,9 @@ class _WholeCounts:
         if (
             x.device.type != "cpu"
             or x.numel() < _DIGAMMA_SERIES_FROM
+            or theta.dim() != 2
             or theta.shape[0] != 1
+            or (column is None and x.shape[-1] != theta.shape[-1])
             or theta.shape[-1] * _TABLE_COUNTS >= 2**24
             or x.dtype not in _WHOLE_DTYPES
         ):
@@ -423,6 +435,28 @@ class _WholeCounts:
         # 1 / (theta + k) = scale / ratio; row 0: 0
         table = torch.div(self.scale, self.ratios).cumsum_(0)
         return self._lookup(table, _digamma_ratio(self.x_large, self.theta_large))
+
+    def per_feature(self, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Entry ``values`` summed per feature, into ``theta``'s ``shape``."""
+        if self.column is None:
+            return values.sum_to_size(shape)
+        total = values.new_zeros(shape.numel()).index_add_(0, self.column, values)
+        return total.view(shape)
+
+
+class _WholeCountTerms(torch.autograd.Function):
+    """:meth:`_WholeCounts.log_gamma` as a function of ``theta`` (one row), differentiated
+    by :meth:`_WholeCounts.digamma_ratio`."""
+
+    @staticmethod
+    def forward(ctx, theta, whole):
+        ctx.whole, ctx.theta_shape = whole, theta.shape
+        return whole.log_gamma()
+
+    @staticmethod
+    def backward(ctx, grad):
+        whole = ctx.whole
+        return whole.per_feature(grad * whole.digamma_ratio(), ctx.theta_shape), None
 
 
 _WHOLE_DTYPES = (torch.float32, torch.float64)
@@ -578,6 +612,7 @@ class NegativeBinomialMixture(Distribution):
         self.mu1, self.mu2, self.theta, self.mixture_logits = broadcast_all(
             mu1, mu2, theta, mixture_logits
         )
+        self._theta = theta if isinstance(theta, torch.Tensor) else self.theta  # as in the NB
         self.eps = eps
         super().__init__(self.mu1.shape, validate_args=validate_args)
 
@@ -608,8 +643,8 @@ class NegativeBinomialMixture(Distribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         logits = self.mixture_logits
-        lp1 = F.logsigmoid(logits) + _nb_log_prob(value, self.mu1, self.theta, self.eps)
-        lp2 = F.logsigmoid(-logits) + _nb_log_prob(value, self.mu2, self.theta, self.eps)
+        lp1 = F.logsigmoid(logits) + _nb_log_prob(value, self.mu1, self._theta, self.eps)
+        lp2 = F.logsigmoid(-logits) + _nb_log_prob(value, self.mu2, self._theta, self.eps)
         return torch.logaddexp(lp1, lp2)
 
 
@@ -749,7 +784,8 @@ class ZeroInflatedNegativeBinomial(_ZeroInflated):
     ) -> None:
         self.mu, self.theta, self.zi_logits = broadcast_all(mu, theta, zi_logits)
         self.eps = eps
-        self.base = NegativeBinomial(self.mu, self.theta, eps=eps)
+        # theta as given: one row per feature keeps the per-feature log-gamma functions
+        self.base = NegativeBinomial(self.mu, theta, eps=eps)
         super().__init__(self.mu.shape, validate_args=validate_args)
 
 
