@@ -102,6 +102,31 @@ class DiagVAE(nn.Module):
             classifier(n_latent, spec.n_labels) if classifier and spec.n_labels else None
         )
         self.linked = LinkedView(spec.graph)
+        self._register_consistency_pairs()
+
+    def _register_consistency_pairs(self) -> None:
+        """Per modality ``m``, the (feature embedding, measured column) pairs that the ``link``
+        and ``self`` terms correlate, and how each term weighs them, as buffers: the linked
+        features of the other modality against ``m``'s end of each edge, then ``m``'s own
+        features against themselves. Both terms of a modality are then one correlation call.
+        """
+        view, names = self.linked, list(self.node_ranges)
+        ends = {names[0]: view.index_a, names[1]: view.index_b}
+        norm = view.weight / view.weight.sum()
+        for name, other in zip(names, names[::-1], strict=True):
+            (start, stop), other_start = self.node_ranges[name], self.node_ranges[other][0]
+            own = torch.arange(stop - start)
+            n_edges, n_own = len(ends[name]), len(own)
+            weights = torch.zeros(2, n_edges + n_own)
+            weights[0, :n_edges] = norm * view.sign  # link: sum_e w_e s_e corr_e / sum_e w_e
+            weights[1, n_edges:] = 1.0 / max(n_own, 1)  # self: the mean over own features
+            pairs = {
+                "nodes": torch.cat([ends[other] + other_start, own + start]),
+                "columns": torch.cat([ends[name], own]),
+                "weights": weights,
+            }
+            for key, value in pairs.items():
+                self.register_buffer(f"_consistency_{key}_{name}", value, persistent=False)
 
     def feature_embedding(self, name: str, v: torch.Tensor) -> torch.Tensor:
         start, stop = self.node_ranges[name]
@@ -202,18 +227,11 @@ class DiagVAE(nn.Module):
         reflection or a permutation of clusters fits the graph's loss on ``v`` equally well).
         ``moments``: each modality's :func:`cross_moments`, when already computed.
         """
-        names = list(self.node_ranges)
-        view = self.linked
-        index = {names[0]: view.index_a, names[1]: view.index_b}
-        terms = {}
-        for side, name in enumerate(names):
-            other = names[1 - side]
-            if len(inputs[name]) > 1:
-                v_edges = self.feature_embedding(other, v)[index[other]]
-                m = moments[name] if moments else cross_moments(z[name], inputs[name])
-                corr = m.correlations(v_edges, index[name]) * view.sign
-                terms[f"link/{name}"] = (view.weight * (1.0 - corr)).sum() / view.weight.sum()
-        return terms
+        return {
+            k: t
+            for k, t in self.consistency(z, inputs, v, moments).items()
+            if k.startswith("link/")
+        }
 
     def self_consistency(
         self,
@@ -232,13 +250,33 @@ class DiagVAE(nn.Module):
         sixth round). Like the ``link`` term, it is invariant to each feature's scale.
         ``moments``: each modality's :func:`cross_moments`, when already computed.
         """
+        return {
+            k: t
+            for k, t in self.consistency(z, inputs, v, moments).items()
+            if k.startswith("self/")
+        }
+
+    def consistency(
+        self,
+        z: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, torch.Tensor],
+        v: torch.Tensor,
+        moments: Mapping[str, CrossMoments] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Both :meth:`link_consistency` and :meth:`self_consistency` terms, from one
+        correlation call per modality. ``moments``: each modality's :func:`cross_moments`,
+        when already computed.
+        """
         terms = {}
         for name in self.node_ranges:
             if len(inputs[name]) > 1:
-                own = self.feature_embedding(name, v)
+                nodes, columns, weights = (
+                    getattr(self, f"_consistency_{key}_{name}")
+                    for key in ("nodes", "columns", "weights")
+                )
                 m = moments[name] if moments else cross_moments(z[name], inputs[name])
-                corr = m.correlations(own)
-                terms[f"self/{name}"] = (1.0 - corr).mean()
+                link, own = 1.0 - weights @ m.correlations(v[nodes], columns)
+                terms[f"link/{name}"], terms[f"self/{name}"] = link, own
         return terms
 
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -266,8 +304,7 @@ class DiagVAE(nn.Module):
             terms.update({f"graph/{k}": t for k, t in self.g2v.loss(qv, v).items()})
             # both terms correlate the same latent with the same inputs: their moments once
             moments = {name: cross_moments(zs[name], inputs[name]) for name in self.names}
-            terms.update(self.link_consistency(zs, inputs, qv.loc, moments))
-            terms.update(self.self_consistency(zs, inputs, qv.loc, moments))
+            terms.update(self.consistency(zs, inputs, qv.loc, moments))
             terms.update(
                 {f"spread/{m}": spread_kl(z) for m, z in zs.items() if len(z) >= SPREAD_MIN_CELLS}
             )
