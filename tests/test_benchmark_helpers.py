@@ -180,3 +180,24 @@ def test_rescore_reads_a_runs_outputs_and_refuses_other_settings(tmp_path):
     with pytest.raises(RuntimeError, match="other settings"):
         run.read_outputs(out, {**config, "train": {}})
     assert run.parse_args(["--ref-python", "x", "--rescore"]).rescore
+
+
+def test_peak_rss_is_the_runners_own_not_its_parents():
+    # a parent holding 300 MB, as run.py does after loading a large dataset: Linux carries
+    # ru_maxrss across fork and exec, so a child read it as its own peak
+    import subprocess
+    import sys
+
+    held = np.ones(300 * 2**20 // 8)  # touched: resident
+    code = (
+        "import sys; sys.path.insert(0, 'experiments/benchmark'); import numpy as np; "
+        "from runner_io import peak_rss_mb; "
+        "before = peak_rss_mb(); grown = np.ones(100 * 2**20 // 8); "
+        "print(before, peak_rss_mb())"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    before, after = map(float, out.stdout.split())
+    assert held.sum() > 0  # still held while the child ran
+    assert before < 250  # the child's imports (anndata, pandas), not the parent's 300 MB
+    assert after - before > 90  # the child's own 100 MB array shows

@@ -30,6 +30,8 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from experiments.benchmark.runner_io import peak_rss_mb  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 #: cells of each modality scored by FOSCTTM and kNN label transfer (cost grows as its square)
 METRIC_CELLS = 20_000
@@ -58,8 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    """Peak resident memory of this process so far (this program's own: not ``ru_maxrss``,
+    which carries the parent's across ``exec``; see the benchmark's ``runner_io``)."""
+    return peak_rss_mb() * 2**20 / 1e9
 
 
 def cpu_seconds() -> float:
