@@ -52,7 +52,7 @@ def peak_rss_mb() -> float:
     ``VmHWM`` of ``/proc/self/status``, the high-water mark of this program's own memory; not
     ``ru_maxrss``, which Linux carries across ``exec`` from the parent's memory at ``fork``: a
     runner started by ``run.py`` reported ``run.py``'s resident size whenever that was the
-    larger (635 MB for every small dataset's runner once ``run.py`` had loaded MERFISH).
+    larger (634.7 MB for every diagvi runner of the gene split's later seeds and of MERFISH).
     ``ru_maxrss`` only where ``/proc`` is missing.
     """
     try:
