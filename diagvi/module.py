@@ -227,11 +227,7 @@ class DiagVAE(nn.Module):
         reflection or a permutation of clusters fits the graph's loss on ``v`` equally well).
         ``moments``: each modality's :func:`cross_moments`, when already computed.
         """
-        return {
-            k: t
-            for k, t in self.consistency(z, inputs, v, moments).items()
-            if k.startswith("link/")
-        }
+        return _named("link/", self.consistency(z, inputs, v, moments))
 
     def self_consistency(
         self,
@@ -250,11 +246,7 @@ class DiagVAE(nn.Module):
         sixth round). Like the ``link`` term, it is invariant to each feature's scale.
         ``moments``: each modality's :func:`cross_moments`, when already computed.
         """
-        return {
-            k: t
-            for k, t in self.consistency(z, inputs, v, moments).items()
-            if k.startswith("self/")
-        }
+        return _named("self/", self.consistency(z, inputs, v, moments))
 
     def consistency(
         self,
@@ -310,6 +302,11 @@ class DiagVAE(nn.Module):
             )
             terms["align"] = self.alignment(zs, self.linked_features(inputs))
         return terms
+
+
+def _named(prefix: str, terms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The terms whose names start with ``prefix``."""
+    return {k: t for k, t in terms.items() if k.startswith(prefix)}
 
 
 # a variance from fewer cells is too noisy for a logarithm: with two cells its gradient is
